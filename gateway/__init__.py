@@ -1,0 +1,1 @@
+"""specgate gateway: OpenAI-compatible streaming front for vLLM workers."""

@@ -1,0 +1,175 @@
+"""API stage: thin routes; each forwarding handler reads top-down: validate → admit → route → relay."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
+
+from gateway.disconnect import unless_disconnected
+from gateway.errors import ClientDisconnected, GatewayError, ModelNotFound, RequestTooLarge
+from gateway.metrics import RequestRecord
+from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
+from gateway.relay import DISCONNECTED_STATUS, UsageFilter, relay_events
+from gateway.services import Services, get_services
+
+router = APIRouter()
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+@router.get("/health")
+async def health() -> Response:
+    return _json({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(services: ServicesDep) -> Response:
+    if services.pool.any_ready():
+        return _json({"status": "ready"})
+    return _json({"status": "no worker ready"}, status=503)
+
+
+@router.get("/metrics")
+async def metrics(services: ServicesDep) -> Response:
+    body, content_type = services.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models")
+async def list_models(services: ServicesDep) -> Response:
+    cards = services.pool.models()
+    return _json({"object": "list", "data": [cards[name] for name in sorted(cards)]})
+
+
+@router.get("/admin/workers")
+async def admin_workers(services: ServicesDep) -> Response:
+    return _json({"workers": services.pool.admin_view()})
+
+
+@router.post(CHAT_PATH)
+async def chat_completions(request: Request, services: ServicesDep) -> Response:
+    return await forward(request, services, "chat", CHAT_PATH)
+
+
+@router.post(COMPLETIONS_PATH)
+async def completions(request: Request, services: ServicesDep) -> Response:
+    return await forward(request, services, "completion", COMPLETIONS_PATH)
+
+
+async def forward(request: Request, services: ServicesDep, kind: Kind, path: str) -> Response:
+    received_at = services.clock()
+    call = await _validated_call(request, services, kind)
+    record = RequestRecord(
+        request_id=request.state.request_id, model=call.model, endpoint=kind,
+        stream=call.stream, received_at=received_at,
+    )
+    try:
+        ticket = await unless_disconnected(request.receive, services.admission.acquire())
+    except (GatewayError, ClientDisconnected) as exc:
+        _finish_early(services, record, exc)
+        services.metrics.record(record)
+        services.metrics.log(record)
+        raise
+    record.admitted_at = services.clock()
+    services.metrics.in_flight.labels(call.model).inc()
+
+    def on_finish(done: RequestRecord) -> None:
+        ticket.release()
+        services.metrics.in_flight.labels(call.model).dec()
+        services.metrics.record(done)
+        services.metrics.log(done)
+
+    try:
+        if call.stream:
+            return await _stream(request, services, call, record, path, on_finish)
+        return await _complete(request, services, call, record, path, on_finish)
+    except (GatewayError, ClientDisconnected) as exc:
+        _finish_early(services, record, exc)
+        on_finish(record)
+        raise
+
+
+async def _validated_call(request: Request, services: Services, kind: Kind) -> OpenAICall:
+    limit = services.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"request body is larger than {limit} bytes")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise RequestTooLarge(f"request body is larger than {limit} bytes")
+    call = validate_call(kind, parse_json_body(raw))
+    if not services.pool.knows_model(call.model):
+        raise ModelNotFound(f"The model '{call.model}' does not exist", param="model")
+    return call
+
+
+async def _stream(
+    request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str, on_finish: Any
+) -> Response:
+    body = call.upstream_body()
+
+    async def send(worker: Any) -> Any:
+        return await services.upstream.open_stream(worker.url, path, body, record.request_id)
+
+    worker, opened = await unless_disconnected(
+        request.receive, services.dispatcher.attempt(call, record, send)
+    )
+
+    def finish(done: RequestRecord) -> None:
+        services.pool.finished(worker)
+        on_finish(done)
+
+    events = relay_events(
+        opened, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock, finish
+    )
+    return EventSourceResponse(
+        events,
+        ping=services.settings.sse_ping_interval_s,
+        sep="\n",
+        send_timeout=services.settings.sse_send_timeout_s,
+    )
+
+
+async def _complete(
+    request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str, on_finish: Any
+) -> Response:
+    body = call.upstream_body()
+
+    async def send(worker: Any) -> Any:
+        return await services.upstream.complete(worker.url, path, body, record.request_id)
+
+    worker, response = await unless_disconnected(
+        request.receive, services.dispatcher.attempt(call, record, send)
+    )
+    services.pool.finished(worker)
+    content = response.content
+    try:
+        usage = orjson.loads(content).get("usage") or {}
+        record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        record.output_tokens = int(usage.get("completion_tokens") or 0)
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        pass
+    record.finished_at = services.clock()
+    on_finish(record)
+    return Response(content, status_code=200, media_type="application/json")
+
+
+def _finish_early(services: Services, record: RequestRecord, exc: BaseException) -> None:
+    record.finished_at = services.clock()
+    if isinstance(exc, ClientDisconnected):
+        record.disconnected = True
+        record.status = DISCONNECTED_STATUS
+    elif isinstance(exc, GatewayError):
+        record.status = exc.metric_status

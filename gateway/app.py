@@ -1,0 +1,112 @@
+"""App stage: create_app(settings) wires the stages together; the lifespan owns pool, client and tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.admission import Admission
+from gateway.api import router
+from gateway.auth import ApiKeyMiddleware
+from gateway.dispatch import Dispatcher
+from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.metrics import Metrics
+from gateway.pool import WorkerPool
+from gateway.requestid import RequestIdMiddleware
+from gateway.routing import make_policy
+from gateway.services import Services
+from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream, build_client
+
+logger = logging.getLogger("specgate.gateway")
+
+CLIENT_CLOSED_STATUS = 499
+
+
+def create_app(
+    settings: GatewaySettings,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> FastAPI:
+    """The gateway as an ASGI app; `transport` replaces the network to workers (tests)."""
+    policy = make_policy(settings.routing)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = Metrics()
+        async with build_client(settings, transport) as client:
+            pool = WorkerPool(settings.workers, client, metrics, clock, settings.health_timeout_s)
+            await pool.refresh()
+            admission = Admission(
+                settings.max_concurrency, settings.max_queue, settings.queue_timeout_s, settings.retry_after_s
+            )
+            metrics.queued.set_function(lambda: admission.waiting)
+            app.state.services = Services(
+                settings=settings,
+                clock=clock,
+                metrics=metrics,
+                pool=pool,
+                upstream=Upstream(client, settings, clock),
+                admission=admission,
+                dispatcher=Dispatcher(
+                    pool, policy, metrics, settings.max_attempts, settings.retry_backoff_s, settings.retry_after_s
+                ),
+            )
+            health = asyncio.create_task(pool.run(settings.health_interval_s), name="specgate-health")
+            logger.info("gateway ready with %d worker(s), models: %s", len(settings.workers), sorted(pool.models()))
+            try:
+                yield
+            finally:
+                health.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await health
+
+    app = FastAPI(title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(router)
+    app.add_exception_handler(GatewayError, _gateway_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnected, _client_gone)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)
+    # Outermost first: request ids are stamped even on 401s.
+    app.add_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def error_response(error: GatewayError) -> Response:
+    return Response(error.body(), status_code=error.http_status, media_type="application/json", headers=error.headers())
+
+
+async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+    return error_response(exc)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_CLOSED_STATUS)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 404:
+        return error_response(NotFound(f"Unknown path {request.url.path}"))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}"))
+    return error_response(InvalidRequest(str(exc.detail)))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(InvalidRequest(str(exc.errors()[0].get("msg", "invalid request"))))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error on %s", request.url.path)
+    return error_response(GatewayError("internal gateway error"))

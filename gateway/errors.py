@@ -1,0 +1,163 @@
+"""Errors stage: one exception tree, rendered as an OpenAI error body before bytes or an SSE event after."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+
+class GatewayError(Exception):
+    """Base of every failure the gateway reports to a client."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after_s = retry_after_s
+
+    def envelope(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.envelope())
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"retry-after": str(self.retry_after_s)}
+
+    def sse_event(self) -> bytes:
+        """The one final event a stream carries when it fails after bytes went out."""
+        return b"data: " + self.body() + b"\n\n"
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    @property
+    def metric_status(self) -> str:
+        return str(self.http_status)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class Overloaded(GatewayError):
+    """Admission queue full or waited too long."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "gateway_overloaded"
+
+
+class NoWorkerAvailable(GatewayError):
+    status = 503
+    error_type = "service_unavailable"
+    default_code = "no_worker_available"
+
+
+class UpstreamFailed(GatewayError):
+    """A worker could not be reached, reset the connection, or answered 5xx."""
+
+    status = 502
+    error_type = "upstream_error"
+    default_code = "upstream_failed"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    error_type = "upstream_timeout"
+    default_code = "upstream_timeout"
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    error_type = "service_unavailable"
+    default_code = "shutting_down"
+
+
+class UpstreamRejected(GatewayError):
+    """A worker's own 4xx answer, passed to the client unchanged (body and status)."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, status: int, raw_body: bytes, content_type: str | None) -> None:
+        super().__init__(raw_body.decode("utf-8", "replace")[:500])
+        self.upstream_status = status
+        self.raw_body = raw_body
+        self.content_type = content_type or "application/json"
+
+    def body(self) -> bytes:
+        return self.raw_body
+
+    def sse_event(self) -> bytes:
+        return b"data: " + self._as_envelope() + b"\n\n"
+
+    def _as_envelope(self) -> bytes:
+        try:
+            parsed = orjson.loads(self.raw_body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return self.raw_body
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.error_type, "param": None, "code": None}}
+        )
+
+    @property
+    def http_status(self) -> int:
+        return self.upstream_status
+
+
+class ClientDisconnected(Exception):
+    """The client went away; not an error to report, only to count and to stop upstream work."""

@@ -1,0 +1,239 @@
+"""Metrics stage: a Metrics object that owns its CollectorRegistry and records finished requests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+TOKEN_GAP_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+QUEUE_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+THROUGHPUT_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
+TOKENS_PER_CHUNK_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 32)
+
+request_logger = logging.getLogger("specgate.requests")
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, as timestamps and counts; the Metrics object turns it into observations.
+
+    Times are from one monotonic clock. `chunk_gaps` holds, for every content event after the first,
+    the gap since the previous content event and the tokens it carried.
+    """
+
+    request_id: str
+    model: str
+    endpoint: str
+    stream: bool
+    received_at: float
+    worker: str = "none"
+    status: str = "200"
+    admitted_at: float | None = None
+    upstream_sent_at: float | None = None
+    upstream_first_token_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    first_chunk_tokens: int = 0
+    chunk_gaps: list[tuple[float, int]] = field(default_factory=list)
+    attempts: int = 0
+    disconnected: bool = False
+
+    def on_content(self, now: float, tokens: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.first_chunk_tokens = tokens
+        else:
+            assert self.last_token_at is not None
+            self.chunk_gaps.append((now - self.last_token_at, tokens))
+        self.last_token_at = now
+
+    @property
+    def queue_seconds(self) -> float | None:
+        return None if self.admitted_at is None else self.admitted_at - self.received_at
+
+    @property
+    def ttft_seconds(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.received_at
+
+    @property
+    def upstream_ttft_seconds(self) -> float | None:
+        if self.upstream_first_token_at is None or self.upstream_sent_at is None:
+            return None
+        return self.upstream_first_token_at - self.upstream_sent_at
+
+    @property
+    def e2e_seconds(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.received_at
+
+    def token_gaps(self) -> list[float]:
+        """Per output token: each content gap divided by the tokens of the later event."""
+        gaps: list[float] = []
+        for gap, tokens in self.chunk_gaps:
+            if tokens > 0:
+                gaps.extend([gap / tokens] * tokens)
+        return gaps
+
+    @property
+    def output_tokens_per_second(self) -> float | None:
+        if self.first_token_at is None or self.last_token_at is None or self.output_tokens < 2:
+            return None
+        span = self.last_token_at - self.first_token_at
+        return None if span <= 0 else (self.output_tokens - 1) / span
+
+    def log_fields(self) -> dict[str, object]:
+        tbt = self.token_gaps()
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "worker": self.worker,
+            "status": self.status,
+            "stream": self.stream,
+            "attempts": self.attempts,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "queue_s": _round(self.queue_seconds),
+            "ttft_s": _round(self.ttft_seconds),
+            "upstream_ttft_s": _round(self.upstream_ttft_seconds),
+            "tbt_mean_s": _round(sum(tbt) / len(tbt)) if tbt else None,
+            "e2e_s": _round(self.e2e_seconds),
+            "disconnected": self.disconnected,
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        model_worker = ["model", "worker"]
+        reg = self.registry
+        self.ttft = Histogram(
+            "specgate_time_to_first_token_seconds",
+            "Request received to first content-bearing event sent to the client.",
+            model_worker, buckets=LATENCY_BUCKETS, registry=reg,
+        )
+        self.time_between_tokens = Histogram(
+            "specgate_time_between_tokens_seconds",
+            "Per output token: gap between content events divided by the tokens in the later event.",
+            model_worker, buckets=TOKEN_GAP_BUCKETS, registry=reg,
+        )
+        self.inter_chunk = Histogram(
+            "specgate_inter_chunk_seconds",
+            "Gap between content events as the client sees them.",
+            model_worker, buckets=TOKEN_GAP_BUCKETS, registry=reg,
+        )
+        self.tokens_per_chunk = Histogram(
+            "specgate_tokens_per_chunk",
+            "Output tokens carried by one content event (above 1 with speculative decoding).",
+            model_worker, buckets=TOKENS_PER_CHUNK_BUCKETS, registry=reg,
+        )
+        self.e2e = Histogram(
+            "specgate_e2e_seconds", "Request received to last event sent.",
+            [*model_worker, "status"], buckets=E2E_BUCKETS, registry=reg,
+        )
+        self.output_tokens_per_second = Histogram(
+            "specgate_output_tokens_per_second",
+            "Per request: (output tokens - 1) / (last token time - first token time).",
+            model_worker, buckets=THROUGHPUT_BUCKETS, registry=reg,
+        )
+        self.upstream_ttft = Histogram(
+            "specgate_upstream_ttft_seconds", "Upstream request sent to first content event from the worker.",
+            model_worker, buckets=LATENCY_BUCKETS, registry=reg,
+        )
+        self.queue = Histogram(
+            "specgate_queue_seconds", "Time waiting for admission.", ["model"],
+            buckets=QUEUE_BUCKETS, registry=reg,
+        )
+        self.requests = Counter(
+            "specgate_requests", "Finished requests.", [*model_worker, "status"], registry=reg
+        )
+        self.prompt_tokens = Counter(
+            "specgate_prompt_tokens", "Prompt tokens of finished requests.", model_worker, registry=reg
+        )
+        self.output_tokens = Counter(
+            "specgate_output_tokens", "Output tokens of finished requests.", model_worker, registry=reg
+        )
+        self.client_disconnects = Counter(
+            "specgate_client_disconnects", "Requests whose client went away before the end.",
+            ["model"], registry=reg,
+        )
+        self.upstream_retries = Counter(
+            "specgate_upstream_retries", "Attempts moved to another worker before the first byte.",
+            ["model"], registry=reg,
+        )
+        self.in_flight = Gauge(
+            "specgate_in_flight", "Requests admitted and not yet finished.", ["model"], registry=reg
+        )
+        self.queued = Gauge("specgate_queued", "Requests waiting for admission.", registry=reg)
+        self.worker_healthy = Gauge(
+            "specgate_worker_healthy", "1 when the worker answers /health and is not ejected.",
+            ["worker"], registry=reg,
+        )
+        self.worker_in_flight = Gauge(
+            "specgate_worker_in_flight", "Requests this gateway has open on the worker.",
+            ["worker"], registry=reg,
+        )
+
+    def record(self, record: RequestRecord) -> None:
+        """Observe one finished request; called once, when its last byte went out or it failed."""
+        labels = (record.model, record.worker)
+        self.requests.labels(*labels, record.status).inc()
+        if record.e2e_seconds is not None:
+            self.e2e.labels(*labels, record.status).observe(record.e2e_seconds)
+        if record.queue_seconds is not None:
+            self.queue.labels(record.model).observe(record.queue_seconds)
+        if record.disconnected:
+            self.client_disconnects.labels(record.model).inc()
+        if record.prompt_tokens:
+            self.prompt_tokens.labels(*labels).inc(record.prompt_tokens)
+        if record.output_tokens:
+            self.output_tokens.labels(*labels).inc(record.output_tokens)
+        if record.ttft_seconds is not None:
+            self.ttft.labels(*labels).observe(record.ttft_seconds)
+        if record.upstream_ttft_seconds is not None:
+            self.upstream_ttft.labels(*labels).observe(record.upstream_ttft_seconds)
+        if record.first_token_at is not None:
+            self._observe_gaps(record, labels)
+        if record.output_tokens_per_second is not None:
+            self.output_tokens_per_second.labels(*labels).observe(record.output_tokens_per_second)
+
+    def _observe_gaps(self, record: RequestRecord, labels: tuple[str, str]) -> None:
+        per_chunk = self.inter_chunk.labels(*labels)
+        per_token = self.time_between_tokens.labels(*labels)
+        chunk_sizes = self.tokens_per_chunk.labels(*labels)
+        if record.first_chunk_tokens > 0:
+            chunk_sizes.observe(record.first_chunk_tokens)
+        for gap, tokens in record.chunk_gaps:
+            per_chunk.observe(gap)
+            if tokens > 0:
+                chunk_sizes.observe(tokens)
+                token_gap = gap / tokens
+                for _ in range(tokens):
+                    per_token.observe(token_gap)
+
+    def log(self, record: RequestRecord) -> None:
+        if request_logger.isEnabledFor(logging.INFO):
+            request_logger.info(orjson.dumps(record.log_fields()).decode())
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

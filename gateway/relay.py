@@ -1,0 +1,123 @@
+"""Relay stage: forward worker SSE events one to one, count tokens, stamp times, end cleanly or with an error."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from gateway.errors import GatewayError, UpstreamFailed
+from gateway.metrics import RequestRecord
+from gateway.sse import SEPARATOR, Event, encode_data
+from gateway.upstream import OpenStream, map_transport_error
+
+DONE_EVENT = b"data: [DONE]\n\n"
+DISCONNECTED_STATUS = "499"
+
+
+class UsageFilter:
+    """Reads token counts from each event and shows the client only the usage it asked for."""
+
+    __slots__ = ("_continuous", "_include", "_tokens_seen", "exact")
+
+    def __init__(self, include_usage: bool, continuous_usage: bool) -> None:
+        self._include = include_usage
+        self._continuous = include_usage and continuous_usage
+        self._tokens_seen = 0
+        self.exact = False
+
+    def tokens_in(self, payload: dict[str, Any], record: RequestRecord, has_content: bool) -> int:
+        """Output tokens this event carries, from the worker's cumulative usage when it sends it."""
+        usage = payload.get("usage")
+        if isinstance(usage, dict):
+            completion = usage.get("completion_tokens") or 0
+            record.prompt_tokens = usage.get("prompt_tokens") or record.prompt_tokens
+            record.output_tokens = completion
+            if payload.get("choices"):
+                self.exact = True
+                delta = completion - self._tokens_seen
+                self._tokens_seen = completion
+                return max(delta, 0)
+            return 0
+        if has_content and not self.exact:
+            # A worker without per-chunk usage: one token per content event is the best estimate.
+            self._tokens_seen += 1
+            record.output_tokens = max(record.output_tokens, self._tokens_seen)
+            return 1
+        return 0
+
+    def client_bytes(self, event: Event) -> bytes | None:
+        """The bytes to send for this event, or None to hold it back (usage the client did not ask for)."""
+        payload = event.payload
+        if payload is None or "usage" not in payload:
+            return event.raw + SEPARATOR
+        if not payload.get("choices"):
+            return event.raw + SEPARATOR if self._include else None
+        if self._continuous:
+            return event.raw + SEPARATOR
+        trimmed = dict(payload)
+        del trimmed["usage"]
+        return encode_data(trimmed)
+
+
+async def relay_events(
+    stream: OpenStream,
+    record: RequestRecord,
+    usage: UsageFilter,
+    clock: Callable[[], float],
+    on_finish: Callable[[RequestRecord], None],
+) -> AsyncIterator[bytes]:
+    """The client's stream. Cancelled on client disconnect; the finally closes the worker request."""
+    finished = False
+    record.upstream_sent_at = stream.sent_at
+    try:
+        pending = stream.first_events
+        arrived_at = stream.first_event_at
+        saw_done = False
+        while True:
+            for event in pending:
+                content = event.has_content()
+                tokens = usage.tokens_in(event.payload, record, content) if event.payload else 0
+                if record.upstream_first_token_at is None and (content or tokens):
+                    record.upstream_first_token_at = arrived_at
+                out = usage.client_bytes(event)
+                if out is None:
+                    continue
+                yield out
+                now = clock()
+                if content or tokens:
+                    record.on_content(now, tokens)
+                if event.is_error:
+                    record.status = "502"
+                    finished = True
+                    return
+                if event.is_done:
+                    saw_done = True
+            if saw_done:
+                finished = True
+                return
+            try:
+                chunk = await anext(stream.chunks)
+            except StopAsyncIteration:
+                raise UpstreamFailed("worker closed the stream before [DONE]") from None
+            except httpx.HTTPError as exc:
+                raise map_transport_error(exc) from exc
+            arrived_at = clock()
+            pending = [Event.parse(raw) for raw in stream.splitter.feed(chunk)]
+    except GatewayError as exc:
+        record.status = exc.metric_status
+        finished = True
+        yield exc.sse_event()
+    except (asyncio.CancelledError, GeneratorExit):
+        record.disconnected = True
+        record.status = DISCONNECTED_STATUS
+        raise
+    finally:
+        if not finished and not record.disconnected:
+            record.disconnected = True
+            record.status = DISCONNECTED_STATUS
+        record.finished_at = clock()
+        await stream.aclose()
+        on_finish(record)

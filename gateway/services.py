@@ -1,0 +1,31 @@
+"""Wiring stage: the per-process objects every handler needs, built once by the app factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from gateway.admission import Admission
+from gateway.dispatch import Dispatcher
+from gateway.metrics import Metrics
+from gateway.pool import WorkerPool
+from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: GatewaySettings
+    clock: Callable[[], float]
+    metrics: Metrics
+    pool: WorkerPool
+    upstream: Upstream
+    admission: Admission
+    dispatcher: Dispatcher
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services

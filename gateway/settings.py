@@ -1,0 +1,100 @@
+"""Settings stage: one GatewaySettings per process, from CLI > env (SPECGATE_*) > YAML > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway process can be told; built once and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECGATE_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Base URLs of vLLM workers, e.g. http://127.0.0.1:8100"
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Accepted bearer keys; empty means no authentication"
+    )
+
+    # Upstream timeouts. The read timeout is an idle timeout on streams, so long generations live on.
+    connect_timeout_s: float = Field(3.0, gt=0)
+    stream_idle_timeout_s: float = Field(300.0, gt=0)
+    request_timeout_s: float = Field(900.0, gt=0, description="Whole non-streaming upstream call")
+    max_upstream_connections: int = Field(2048, ge=1)
+
+    # Admission: how many requests run at once, and how many may wait and for how long.
+    max_concurrency: int = Field(4096, ge=1)
+    max_queue: int = Field(4096, ge=0)
+    queue_timeout_s: float = Field(30.0, gt=0)
+    retry_after_s: int = Field(1, ge=0)
+
+    routing: str = Field("least_loaded", description="round_robin | least_loaded")
+    max_attempts: int = Field(3, ge=1, description="Workers tried for one request before the first byte")
+    retry_backoff_s: float = Field(0.05, ge=0)
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    sse_ping_interval_s: float = Field(15.0, gt=0)
+    sse_send_timeout_s: float = Field(60.0, gt=0, description="A reader that takes no bytes this long is cut")
+
+    health_interval_s: float = Field(2.0, gt=0)
+    health_timeout_s: float = Field(2.0, gt=0)
+
+    log_level: str = "info"
+    request_log: bool = True
+
+    @field_validator("workers", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("workers")
+    @classmethod
+    def _strip_trailing_slash(cls, value: list[str]) -> list[str]:
+        return [url.rstrip("/") for url in value]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # YAML reads model_config["yaml_file"], set per call by load_settings; absent, it adds nothing.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> GatewaySettings:
+    """Build the settings; CLI flags arrive as overrides and win over env, YAML and defaults."""
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    if config_file is None:
+        return GatewaySettings(**clean)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"gateway config file not found: {config_file}")
+    with_file = type(
+        "GatewaySettingsFromFile",
+        (GatewaySettings,),
+        {"model_config": SettingsConfigDict(**{**GatewaySettings.model_config, "yaml_file": config_file})},
+    )
+    settings: GatewaySettings = with_file(**clean)
+    return settings

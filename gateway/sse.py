@@ -1,0 +1,93 @@
+"""Relay stage helper: split an upstream SSE byte stream into whole events and read what they carry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+SEPARATOR = b"\n\n"
+DONE_PAYLOAD = b"[DONE]"
+
+
+class EventSplitter:
+    """Incremental splitter: feed it network chunks, get back whole events (without the separator)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if b"\r" in chunk:
+            # Both separators are legal SSE; vLLM sends \n, some servers \r\n.
+            chunk = chunk.replace(b"\r\n", b"\n")
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if SEPARATOR not in buffer:
+            self._buffer = buffer
+            return []
+        parts = buffer.split(SEPARATOR)
+        self._buffer = parts.pop()
+        return [part for part in parts if part]
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event that has not been terminated yet."""
+        return self._buffer
+
+
+@dataclass(slots=True)
+class Event:
+    """One upstream SSE event; `payload` is the parsed JSON of its data lines, if any."""
+
+    raw: bytes
+    payload: dict[str, Any] | None = None
+    is_done: bool = False
+    is_comment: bool = False
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Event:
+        if raw.startswith(b":"):
+            return cls(raw, is_comment=True)
+        data = _data_of(raw)
+        if data == DONE_PAYLOAD:
+            return cls(raw, is_done=True)
+        if not data:
+            return cls(raw)
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return cls(raw)
+        return cls(raw, payload if isinstance(payload, dict) else None)
+
+    @property
+    def is_error(self) -> bool:
+        return self.payload is not None and "error" in self.payload
+
+    def has_content(self) -> bool:
+        """True when a choice carries generated text, reasoning or a tool call."""
+        if self.payload is None:
+            return False
+        for choice in self.payload.get("choices") or ():
+            if choice.get("text"):
+                return True
+            delta = choice.get("delta")
+            if delta and (delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")):
+                return True
+        return False
+
+
+def _data_of(raw: bytes) -> bytes:
+    if raw.startswith(b"data: "):
+        if b"\n" not in raw:
+            return raw[6:]
+    elif raw.startswith(b"data:") and b"\n" not in raw:
+        return raw[5:].lstrip(b" ")
+    # Multi-line events join their data lines with newlines (SSE spec).
+    lines = [line for line in raw.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(line[5:].removeprefix(b" ") for line in lines)
+
+
+def encode_data(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + SEPARATOR

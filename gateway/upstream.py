@@ -1,0 +1,150 @@
+"""Upstream stage: the HTTP client to workers, with pooled connections and explicit timeouts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+
+from gateway.errors import GatewayError, NoWorkerAvailable, UpstreamFailed, UpstreamRejected, UpstreamTimeout
+from gateway.settings import GatewaySettings
+from gateway.sse import Event, EventSplitter
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+def build_client(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """One pooled client for all workers; tests hand in a MockTransport."""
+    limits = httpx.Limits(
+        max_connections=settings.max_upstream_connections,
+        max_keepalive_connections=settings.max_upstream_connections,
+        keepalive_expiry=30.0,
+    )
+    # The read timeout acts per read, so on a stream it is an idle timeout, not a cap on its length.
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout_s,
+        read=settings.stream_idle_timeout_s,
+        write=settings.connect_timeout_s,
+        pool=settings.connect_timeout_s,
+    )
+    return httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport, trust_env=False)
+
+
+@dataclass
+class OpenStream:
+    """A worker stream whose status was 200 and whose first event has arrived."""
+
+    response: httpx.Response
+    chunks: AsyncIterator[bytes]
+    splitter: EventSplitter
+    first_events: list[Event]
+    sent_at: float
+    first_event_at: float
+    closed: bool = field(default=False)
+
+    async def aclose(self) -> None:
+        """Close the worker connection; shielded so a cancelled caller still makes vLLM abort."""
+        if self.closed:
+            return
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            await self.response.aclose()
+
+
+class Upstream:
+    """Sends one request to one worker and maps every failure onto the gateway's error tree."""
+
+    def __init__(self, client: httpx.AsyncClient, settings: GatewaySettings, clock: Callable[[], float]) -> None:
+        self._client = client
+        self._settings = settings
+        self._clock = clock
+
+    def _request(
+        self, worker_url: str, path: str, body: bytes, request_id: str, timeout: httpx.Timeout | None = None
+    ) -> httpx.Request:
+        headers = {
+            "content-type": "application/json",
+            "accept-encoding": "identity",
+            "x-request-id": request_id,
+        }
+        if timeout is None:
+            return self._client.build_request("POST", worker_url + path, content=body, headers=headers)
+        return self._client.build_request(
+            "POST", worker_url + path, content=body, headers=headers, timeout=timeout
+        )
+
+    async def open_stream(self, worker_url: str, path: str, body: bytes, request_id: str) -> OpenStream:
+        request = self._request(worker_url, path, body, request_id)
+        sent_at = self._clock()
+        response = await _send(self._client, request, stream=True)
+        try:
+            if response.status_code != 200:
+                raise await _status_error(response)
+            chunks = response.aiter_bytes()
+            splitter = EventSplitter()
+            events: list[Event] = []
+            while not events:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    raise UpstreamFailed("worker closed the stream before its first event") from None
+                events = [Event.parse(raw) for raw in splitter.feed(chunk)]
+            return OpenStream(response, chunks, splitter, events, sent_at, self._clock())
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+            if isinstance(exc, httpx.HTTPError):
+                raise map_transport_error(exc) from exc
+            raise
+
+    async def complete(self, worker_url: str, path: str, body: bytes, request_id: str) -> httpx.Response:
+        """A non-streaming call: the whole answer, read, with status 200."""
+        timeout = httpx.Timeout(self._settings.request_timeout_s, connect=self._settings.connect_timeout_s)
+        request = self._request(worker_url, path, body, request_id, timeout)
+        response = await _send(self._client, request, stream=True)
+        try:
+            if response.status_code != 200:
+                raise await _status_error(response)
+            await response.aread()
+            return response
+        except httpx.HTTPError as exc:
+            raise map_transport_error(exc) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request, *, stream: bool) -> httpx.Response:
+    try:
+        return await client.send(request, stream=stream)
+    except httpx.HTTPError as exc:
+        raise map_transport_error(exc) from exc
+
+
+async def _status_error(response: httpx.Response) -> GatewayError:
+    body = b""
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= MAX_ERROR_BODY:
+            break
+    status = response.status_code
+    if 400 <= status < 500 and status not in (408, 429):
+        return UpstreamRejected(status, body, response.headers.get("content-type"))
+    detail = body.decode("utf-8", "replace")[:300]
+    if status in (429, 503):
+        return NoWorkerAvailable(f"worker is busy or draining ({status}): {detail}", retry_after_s=1)
+    if status == 408:
+        return UpstreamTimeout(f"worker timed out: {detail}")
+    return UpstreamFailed(f"worker answered {status}: {detail}")
+
+
+def map_transport_error(exc: httpx.HTTPError) -> GatewayError:
+    if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+            return UpstreamFailed(f"could not connect to worker in time: {type(exc).__name__}")
+        return UpstreamTimeout(f"worker sent nothing in time: {type(exc).__name__}")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamFailed(f"could not connect to worker: {exc}")
+    return UpstreamFailed(f"worker connection failed: {type(exc).__name__}: {exc}")

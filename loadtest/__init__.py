@@ -1,0 +1,1 @@
+"""specgate load testing: load generator, fake engine and benchmarks."""

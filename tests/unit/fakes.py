@@ -1,0 +1,234 @@
+"""Test doubles for the gateway's unit tests: a scripted worker (MockTransport) and servers in threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+MODEL = "demo"
+
+
+def chat_chunk(content: str | None, completion_tokens: int | None, prompt_tokens: int = 5, **extra: Any) -> bytes:
+    """One vLLM-shaped chat chunk; usage is cumulative as with continuous_usage_stats."""
+    delta: dict[str, Any] = {} if content is None else {"content": content}
+    payload: dict[str, Any] = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": extra.pop("finish_reason", None)}],
+    }
+    if completion_tokens is not None:
+        payload["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+    payload.update(extra)
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def usage_chunk(completion_tokens: int, prompt_tokens: int = 5) -> bytes:
+    payload = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "model": MODEL,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def vllm_stream(tokens_per_event: list[int], with_usage: bool = True) -> list[bytes]:
+    """A whole stream: role chunk, content events carrying the given token counts, usage chunk, [DONE]."""
+    events = [chat_chunk("", 0 if with_usage else None, role="assistant")]
+    total = 0
+    for index, tokens in enumerate(tokens_per_event):
+        total += tokens
+        last = index == len(tokens_per_event) - 1
+        events.append(
+            chat_chunk(f"t{index}", total if with_usage else None, finish_reason="length" if last else None)
+        )
+    if with_usage:
+        events.append(usage_chunk(total))
+    events.append(DONE)
+    return events
+
+
+@dataclass
+class ScriptedWorker:
+    """Answers health and model listing; POSTs go to `on_post`, which the test sets."""
+
+    url: str = "http://worker-a:8100"
+    models: list[str] = field(default_factory=lambda: [MODEL])
+    healthy: bool = True
+    on_post: Callable[[httpx.Request], httpx.Response] | None = None
+    seen: list[httpx.Request] = field(default_factory=list)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200 if self.healthy else 503)
+        if request.url.path == "/v1/models":
+            return httpx.Response(
+                200, json={"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
+            )
+        self.seen.append(request)
+        assert self.on_post is not None, "test did not script this worker's POST answer"
+        return self.on_post(request)
+
+
+def mock_transport(*workers: ScriptedWorker) -> httpx.MockTransport:
+    by_host = {httpx.URL(worker.url).host: worker for worker in workers}
+
+    def route(request: httpx.Request) -> httpx.Response:
+        worker = by_host.get(request.url.host)
+        if worker is None:
+            raise httpx.ConnectError("connection refused", request=request)
+        return worker.handle(request)
+
+    return httpx.MockTransport(route)
+
+
+def settings_for(*urls: str, **overrides: Any) -> GatewaySettings:
+    values: dict[str, Any] = {"workers": list(urls), "health_interval_s": 3600, "retry_backoff_s": 0.0}
+    values.update(overrides)
+    return GatewaySettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(
+    settings: GatewaySettings, transport: httpx.AsyncBaseTransport, **app_kwargs: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    """The gateway app with its lifespan running, called in-process (bodies are buffered)."""
+    app = create_app(settings, transport=transport, **app_kwargs)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as client:
+        yield client, app
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
+    """Run an ASGI app under a real uvicorn on loopback; yields its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+class SlowWorker:
+    """An ASGI worker under real uvicorn that streams scripted events with delays and records
+    whether the gateway hung up on it (the signal vLLM uses to abort a request)."""
+
+    def __init__(self, events: list[bytes], gap_s: float, first_delay_s: float = 0.0, status: int = 200) -> None:
+        self.events = events
+        self.gap_s = gap_s
+        self.first_delay_s = first_delay_s
+        self.status = status
+        self.started = threading.Event()
+        self.disconnected = threading.Event()
+        self.completed = threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path = scope["path"]
+        if path == "/health":
+            await _plain(send, 200, b"{}")
+            return
+        if path == "/v1/models":
+            await _plain(send, 200, json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode())
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.started.set()
+        watcher = asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            await self._stream(send, watcher)
+        finally:
+            watcher.cancel()
+
+    async def _stream(self, send: Any, watcher: asyncio.Future[None]) -> None:
+        if await _sleep_or_disconnect(self.first_delay_s, watcher):
+            self.disconnected.set()
+            return
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        for index, event in enumerate(self.events):
+            if index and await _sleep_or_disconnect(self.gap_s, watcher):
+                self.disconnected.set()
+                return
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.completed.set()
+
+
+async def _plain(send: Any, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _until_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sleep_or_disconnect(seconds: float, watcher: asyncio.Future[None]) -> bool:
+    """True when the peer went away during the wait."""
+    if watcher.done():
+        return True
+    done, _ = await asyncio.wait({watcher}, timeout=seconds)
+    return bool(done)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval_s)
+    return condition()

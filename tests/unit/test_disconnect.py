@@ -1,0 +1,99 @@
+"""A client that goes away at any stage has its worker request closed at once (real HTTP on loopback)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from tests.unit.fakes import MODEL, SlowWorker, serve_in_thread, settings_for, vllm_stream, wait_until
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@contextlib.contextmanager
+def gateway_before(worker: SlowWorker, **overrides: object) -> Iterator[str]:
+    with serve_in_thread(worker) as worker_url:
+        app = create_app(settings_for(worker_url, **overrides))
+        with serve_in_thread(app) as gateway_url:
+            yield gateway_url
+
+
+def test_mid_stream_disconnect_closes_the_worker_request() -> None:
+    worker = SlowWorker(vllm_stream([1] * 200), gap_s=0.05)
+    with gateway_before(worker) as url, httpx.Client(base_url=url, timeout=10) as client:
+        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+            lines = response.iter_lines()
+            received = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data:")]
+            assert len(received) >= 2
+        assert wait_until(worker.disconnected.is_set, timeout_s=2.0), "worker request still open after 2 s"
+        assert not worker.completed.is_set()
+        metrics = client.get("/metrics").text
+    assert 'specgate_client_disconnects_total{model="demo"} 1.0' in metrics
+
+
+def test_disconnect_before_the_first_token_closes_the_worker_request() -> None:
+    worker = SlowWorker(vllm_stream([1]), gap_s=0.0, first_delay_s=30)
+    with gateway_before(worker) as url:
+        _abandon_after(url, {**CHAT, "stream": True}, worker.started)
+        assert wait_until(worker.disconnected.is_set, timeout_s=2.0)
+
+
+def test_disconnect_during_a_non_streaming_call_closes_the_worker_request() -> None:
+    worker = SlowWorker([b'{"choices": []}'], gap_s=0.0, first_delay_s=30)
+    with gateway_before(worker) as url:
+        _abandon_after(url, CHAT, worker.started)
+        assert wait_until(worker.disconnected.is_set, timeout_s=2.0)
+
+
+def test_disconnect_while_queued_never_reaches_a_worker() -> None:
+    worker = SlowWorker(vllm_stream([1] * 100), gap_s=0.05)
+    with gateway_before(worker, max_concurrency=1, max_queue=4) as url:
+        with httpx.Client(base_url=url, timeout=10) as client, client.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as holding:
+            lines = holding.iter_lines()  # kept: a collected iterator closes the connection
+            next(lines)
+            queued_seen = threading.Event()
+
+            def queued() -> bool:
+                text = httpx.get(url + "/metrics").text
+                return "specgate_queued 1.0" in text
+
+            abandoned = threading.Thread(target=_abandon_after, args=(url, CHAT, queued_seen))
+            abandoned.start()
+            assert wait_until(queued, timeout_s=3.0)
+            queued_seen.set()
+            abandoned.join(timeout=5)
+            assert wait_until(lambda: "specgate_queued 0.0" in httpx.get(url + "/metrics").text, timeout_s=2.0)
+        assert wait_until(
+            lambda: 'specgate_requests_total{model="demo",status="499",worker="none"} 1.0'
+            in httpx.get(url + "/metrics").text,
+            timeout_s=2.0,
+        )
+
+
+def _abandon_after(url: str, body: dict[str, object], moment: threading.Event) -> None:
+    """Send a request on a raw socket and hang up once `moment` is set."""
+    import json
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        assert moment.wait(timeout=5), "the awaited moment never came"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)

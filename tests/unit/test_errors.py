@@ -1,0 +1,195 @@
+"""Every failure class answers in the OpenAI error envelope with the right status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from tests.unit.fakes import MODEL, ScriptedWorker, chat_chunk, gateway_client, mock_transport, settings_for
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _assert_envelope(response: httpx.Response, status: int, error_type: str | None = None) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if error_type is not None:
+        assert error["type"] == error_type
+    return error  # type: ignore[no-any-return]
+
+
+async def _post(worker: ScriptedWorker, body: object, path: str = "/v1/chat/completions", **kwargs: object
+                ) -> httpx.Response:
+    async with gateway_client(settings_for(worker.url, **kwargs), mock_transport(worker)) as (client, _):
+        if isinstance(body, bytes):
+            return await client.post(path, content=body, headers={"content-type": "application/json"})
+        return await client.post(path, json=body)
+
+
+def _never_called(request: httpx.Request) -> httpx.Response:
+    raise AssertionError("the worker must not be reached")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b"\xff\xfe{}", None),
+        ({"model": MODEL}, "messages"),
+        ({**CHAT, "max_tokens": -1}, "max_tokens"),
+        ({**CHAT, "max_tokens": 0}, "max_tokens"),
+        ({**CHAT, "n": 100000}, "n"),
+        ({**CHAT, "top_logprobs": 99}, "top_logprobs"),
+        ({**CHAT, "messages": []}, "messages"),
+        ({**CHAT, "messages": [{"content": "no role"}]}, "messages"),
+        ({**CHAT, "not_a_field": 1}, "not_a_field"),
+        ({**CHAT, "temperature": "hot"}, "temperature"),
+        ({**CHAT, "messages": [{"role": "user", "content": "a\u0000b"}]}, None),
+    ],
+)
+async def test_invalid_input_is_a_400_and_never_reaches_a_worker(body: object, param: str | None) -> None:
+    worker = ScriptedWorker(on_post=_never_called)
+    error = _assert_envelope(await _post(worker, body), 400, "invalid_request_error")
+    if param is not None:
+        assert error["param"] == param
+
+
+async def test_vllm_extra_sampling_parameters_pass_through() -> None:
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": [], "usage": {}}))
+    extras = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "ignore_eos": True, "min_tokens": 2}
+    response = await _post(worker, {**CHAT, **extras})
+    assert response.status_code == 200
+    forwarded = json.loads(worker.seen[0].content)
+    assert {key: forwarded[key] for key in extras} == extras
+
+
+async def test_unknown_model_is_a_404() -> None:
+    worker = ScriptedWorker(on_post=_never_called)
+    error = _assert_envelope(await _post(worker, {**CHAT, "model": "gpt-17"}), 404)
+    assert error["code"] == "model_not_found"
+
+
+async def test_oversized_body_is_a_413() -> None:
+    worker = ScriptedWorker(on_post=_never_called)
+    huge = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    _assert_envelope(await _post(worker, huge, max_body_bytes=2048), 413)
+
+
+async def test_worker_4xx_passes_through_unchanged_and_is_not_retried() -> None:
+    raw = b'{"error":{"message":"prompt too long","type":"BadRequestError","param":null,"code":400}}'
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(400, content=raw))
+    other = ScriptedWorker(url="http://worker-b:8100", on_post=lambda r: httpx.Response(400, content=raw))
+    async with gateway_client(settings_for(worker.url, other.url), mock_transport(worker, other)) as (client, _):
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 400
+    assert response.content == raw
+    assert len(worker.seen) + len(other.seen) == 1
+
+
+async def test_worker_5xx_on_every_worker_is_a_502_with_retry_after() -> None:
+    workers = [ScriptedWorker(url=f"http://w{i}:8100", on_post=lambda r: httpx.Response(500, text="boom"))
+               for i in range(2)]
+    settings = settings_for(*(w.url for w in workers))
+    async with gateway_client(settings, mock_transport(*workers)) as (client, _):
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    _assert_envelope(response, 502, "upstream_error")
+    assert response.headers["retry-after"]
+    assert [len(w.seen) for w in workers] == [1, 1], "each worker tried once"
+
+
+async def test_a_failing_worker_is_retried_on_another_before_the_first_byte() -> None:
+    bad = ScriptedWorker(url="http://bad:8100", on_post=lambda r: httpx.Response(503, text="draining"))
+    good = ScriptedWorker(url="http://good:8100", on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    settings = settings_for(bad.url, good.url, routing="round_robin")
+    async with gateway_client(settings, mock_transport(bad, good)) as (client, _):
+        answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len(good.seen) == 4
+
+
+async def test_connection_refused_is_a_fast_502() -> None:
+    worker = ScriptedWorker()
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    worker.on_post = refuse
+    _assert_envelope(await _post(worker, CHAT), 502, "upstream_error")
+
+
+async def test_worker_read_timeout_is_a_504() -> None:
+    worker = ScriptedWorker()
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("no bytes", request=request)
+
+    worker.on_post = slow
+    _assert_envelope(await _post(worker, {**CHAT, "stream": True}), 504, "upstream_timeout")
+
+
+async def test_no_healthy_worker_is_a_503_with_retry_after() -> None:
+    worker = ScriptedWorker(on_post=_never_called)
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
+        worker.healthy = False
+        await app.state.services.pool.refresh()
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        ready = await client.get("/ready")
+    _assert_envelope(response, 503)
+    assert response.headers["retry-after"]
+    assert ready.status_code == 503
+
+
+async def test_mid_stream_reset_becomes_one_error_event_and_no_finish_reason() -> None:
+    async def reset_after_two() -> AsyncIterator[bytes]:
+        yield chat_chunk("", 0, role="assistant")
+        yield chat_chunk("a", 1)
+        raise httpx.RemoteProtocolError("peer closed connection")
+
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, content=reset_after_two()))
+    response = await _post(worker, {**CHAT, "stream": True})
+    assert response.status_code == 200
+    events = [e for e in response.content.split(b"\n\n") if e]
+    assert len(events) == 3
+    final = json.loads(events[-1][6:])
+    assert final["error"]["type"] == "upstream_error"
+    assert b"finish_reason\": \"stop" not in response.content
+    assert b"[DONE]" not in response.content
+
+
+async def test_stream_that_ends_without_done_is_an_error_not_a_fake_finish() -> None:
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, content=chat_chunk("a", 1)))
+    response = await _post(worker, {**CHAT, "stream": True})
+    final = json.loads([e for e in response.content.split(b"\n\n") if e][-1][6:])
+    assert "error" in final
+
+
+async def test_unknown_path_and_wrong_method_use_the_envelope() -> None:
+    worker = ScriptedWorker(on_post=_never_called)
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        missing = await client.get("/v1/nothing")
+        wrong = await client.get("/v1/chat/completions")
+    _assert_envelope(missing, 404)
+    _assert_envelope(wrong, 405)
+
+
+async def test_api_keys_are_required_when_configured() -> None:
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    settings = settings_for(worker.url, api_keys="key-one,key-two")
+    async with gateway_client(settings, mock_transport(worker)) as (client, _):
+        missing = await client.post("/v1/chat/completions", json=CHAT)
+        wrong = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer nope"})
+        right = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer key-two"})
+        health = await client.get("/health")
+    _assert_envelope(missing, 401, "authentication_error")
+    _assert_envelope(wrong, 401)
+    assert missing.headers["x-request-id"]
+    assert right.status_code == 200
+    assert health.status_code == 200

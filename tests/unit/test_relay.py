@@ -1,0 +1,118 @@
+"""Relay fidelity and usage handling, through the whole app with a scripted worker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from tests.unit.fakes import DONE, MODEL, ScriptedWorker, gateway_client, mock_transport, settings_for, vllm_stream
+
+pytestmark = pytest.mark.anyio
+
+
+def _events(body: bytes) -> list[bytes]:
+    return [event for event in body.split(b"\n\n") if event]
+
+
+def _payloads(body: bytes) -> list[dict[str, object]]:
+    return [json.loads(e[6:]) for e in _events(body) if e.startswith(b"data: {")]
+
+
+def _streaming_worker(events: list[bytes]) -> ScriptedWorker:
+    worker = ScriptedWorker()
+    worker.on_post = lambda request: httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content=b"".join(events)
+    )
+    return worker
+
+
+async def _stream(stream_options: dict[str, bool] | None, events: list[bytes]) -> tuple[bytes, ScriptedWorker]:
+    worker = _streaming_worker(events)
+    body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    if stream_options is not None:
+        body["stream_options"] = stream_options
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.content, worker
+
+
+async def test_every_upstream_event_reaches_the_client_unchanged() -> None:
+    upstream = vllm_stream([1, 1, 1, 1, 1])
+    body, _ = await _stream({"include_usage": True, "continuous_usage_stats": True}, upstream)
+    assert _events(body) == [event.rstrip(b"\n") for event in upstream]
+
+
+async def test_events_split_across_network_chunks_are_reassembled_one_to_one() -> None:
+    upstream = vllm_stream([1, 2, 3])
+    joined = b"".join(upstream)
+    pieces = [joined[i : i + 7] for i in range(0, len(joined), 7)]
+    async def in_pieces() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    worker = ScriptedWorker()
+    worker.on_post = lambda request: httpx.Response(200, content=in_pieces())
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+               "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        response = await client.post("/v1/chat/completions", json=request)
+    assert _events(response.content) == [event.rstrip(b"\n") for event in upstream]
+
+
+async def test_worker_is_asked_for_continuous_usage_even_when_client_did_not_ask() -> None:
+    _, worker = await _stream(None, vllm_stream([1]))
+    sent = json.loads(worker.seen[0].content)
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+
+
+async def test_client_without_include_usage_sees_no_usage_at_all() -> None:
+    body, _ = await _stream(None, vllm_stream([1, 1, 1]))
+    payloads = _payloads(body)
+    assert all("usage" not in payload for payload in payloads)
+    assert all(payload["choices"] for payload in payloads), "the usage-only chunk must be held back"
+    assert len(payloads) == 4  # role chunk + three content chunks
+    assert _events(body)[-1] == DONE.rstrip(b"\n")
+
+
+async def test_include_usage_alone_gives_only_the_final_usage_chunk() -> None:
+    body, _ = await _stream({"include_usage": True}, vllm_stream([1, 1, 1]))
+    payloads = _payloads(body)
+    with_usage = [payload for payload in payloads if "usage" in payload]
+    assert len(with_usage) == 1
+    assert with_usage[0]["choices"] == []
+    assert with_usage[0]["usage"]["completion_tokens"] == 3  # type: ignore[index]
+
+
+async def test_continuous_usage_passes_usage_on_every_chunk() -> None:
+    body, _ = await _stream({"include_usage": True, "continuous_usage_stats": True}, vllm_stream([2, 2]))
+    assert all("usage" in payload for payload in _payloads(body))
+
+
+async def test_non_streaming_answer_is_forwarded_byte_for_byte() -> None:
+    answer = {"id": "cmpl-1", "object": "text_completion", "choices": [{"text": "x", "index": 0}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+    raw = json.dumps(answer, separators=(",", ":")).encode()
+    worker = ScriptedWorker()
+    worker.on_post = lambda request: httpx.Response(200, content=raw, headers={"content-type": "application/json"})
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1})
+    assert response.status_code == 200
+    assert response.content == raw
+    assert json.loads(worker.seen[0].content) == {"model": MODEL, "prompt": "a", "max_tokens": 1}
+
+
+async def test_client_request_id_is_echoed_and_forwarded() -> None:
+    worker = _streaming_worker(vllm_stream([1]))
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        mine = await client.post("/v1/chat/completions", json=request, headers={"x-request-id": "abc-123"})
+        generated = await client.post("/v1/chat/completions", json=request)
+        models = await client.get("/v1/models")
+    assert mine.headers["x-request-id"] == "abc-123"
+    assert worker.seen[0].headers["x-request-id"] == "abc-123"
+    assert len(generated.headers["x-request-id"]) == 32
+    assert models.headers["x-request-id"]
