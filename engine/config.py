@@ -73,7 +73,8 @@ class EngineProfile(BaseModel):
     block_size: int | None = Field(None, ge=1)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     kv_cache_space_gib: float | None = Field(None, gt=0, description="CPU only: GiB of KV cache")
-    cpu_offload_gib: float | None = Field(None, ge=0, description="GiB of weights offloaded to CPU memory (vLLM V1 has no KV swap space)")
+    # vLLM V1 dropped KV swap space (preempted requests are recomputed); weight offload is what remains.
+    cpu_offload_gib: float | None = Field(None, ge=0, description="GiB of weights offloaded to CPU memory")
     # Continuous batching
     max_num_seqs: int | None = Field(None, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=1)

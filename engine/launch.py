@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -42,6 +43,16 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM if the process that started it dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class WorkerProcess:
     """One vLLM worker: its own process group, so stopping it takes its engine-core children too."""
 
@@ -63,7 +74,12 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         env = {**os.environ, **self.command.env}
         self.process = subprocess.Popen(
-            self.command.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.command.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
 
@@ -124,10 +140,8 @@ class WorkerProcess:
     def _signal_group(self, sig: signal.Signals) -> None:
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _reap_group(self) -> None:
         # Engine-core children outlive a killed parent; they share its process group.

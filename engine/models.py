@@ -152,7 +152,7 @@ def _train_tokenizer(corpus: list[str], recipe: Recipe) -> Any:
         show_progress=False,
     )
     core.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         bos_token="<|bos|>",
         eos_token="<|eos|>",
@@ -189,7 +189,7 @@ def _new_model(recipe: Recipe, layers: int, tokenizer: Any) -> Any:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
 
 
 def _batches(ids: Any, recipe: Recipe, generator: Any) -> Any:

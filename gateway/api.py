@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
 from gateway.disconnect import unless_disconnected
-from gateway.errors import ClientDisconnected, GatewayError, ModelNotFound, RequestTooLarge
+from gateway.errors import ClientDisconnected, GatewayError, ModelNotFound, RequestTooLarge, ShuttingDown
 from gateway.metrics import RequestRecord
 from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.relay import DISCONNECTED_STATUS, UsageFilter, relay_events
@@ -19,6 +19,8 @@ from gateway.services import Services, get_services
 router = APIRouter()
 ServicesDep = Annotated[Services, Depends(get_services)]
 
+UNVALIDATED_MODEL = "unknown"
+SHUTDOWN_BACKSTOP_S = 2.0
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -34,6 +36,8 @@ async def health() -> Response:
 
 @router.get("/ready")
 async def ready(services: ServicesDep) -> Response:
+    if services.drainer.draining:
+        return _json({"status": "shutting down"}, status=503)
     if services.pool.any_ready():
         return _json({"status": "ready"})
     return _json({"status": "no worker ready"}, status=503)
@@ -67,13 +71,16 @@ async def completions(request: Request, services: ServicesDep) -> Response:
 
 
 async def forward(request: Request, services: ServicesDep, kind: Kind, path: str) -> Response:
-    received_at = services.clock()
-    call = await _validated_call(request, services, kind)
+    # Rejected requests are counted under one label: a client-chosen model name must not become one.
     record = RequestRecord(
-        request_id=request.state.request_id, model=call.model, endpoint=kind,
-        stream=call.stream, received_at=received_at,
+        request_id=request.state.request_id, model=UNVALIDATED_MODEL, endpoint=kind,
+        stream=False, received_at=services.clock(),
     )
     try:
+        if services.drainer.draining:
+            raise ShuttingDown("the gateway is shutting down; retry the request", retry_after_s=1)
+        call = await _validated_call(request, services, kind)
+        record.model, record.stream = call.model, call.stream
         ticket = await unless_disconnected(request.receive, services.admission.acquire())
     except (GatewayError, ClientDisconnected) as exc:
         _finish_early(services, record, exc)
@@ -109,7 +116,7 @@ async def _validated_call(request: Request, services: Services, kind: Kind) -> O
         raw += chunk
         if len(raw) > limit:
             raise RequestTooLarge(f"request body is larger than {limit} bytes")
-    call = validate_call(kind, parse_json_body(raw))
+    call = validate_call(kind, parse_json_body(raw), request.headers.get(services.settings.session_header))
     if not services.pool.knows_model(call.model):
         raise ModelNotFound(f"The model '{call.model}' does not exist", param="model")
     return call
@@ -127,7 +134,10 @@ async def _stream(
         request.receive, services.dispatcher.attempt(call, record, send)
     )
 
+    services.drainer.track(opened)
+
     def finish(done: RequestRecord) -> None:
+        services.drainer.untrack(opened)
         services.pool.finished(worker)
         on_finish(done)
 
@@ -139,6 +149,8 @@ async def _stream(
         ping=services.settings.sse_ping_interval_s,
         sep="\n",
         send_timeout=services.settings.sse_send_timeout_s,
+        # The drainer ends streams at the grace deadline with an error event; this is only the backstop.
+        shutdown_grace_period=services.settings.shutdown_grace_s + SHUTDOWN_BACKSTOP_S,
     )
 
 

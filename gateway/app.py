@@ -18,11 +18,11 @@ from gateway.admission import Admission
 from gateway.api import router
 from gateway.auth import ApiKeyMiddleware
 from gateway.dispatch import Dispatcher
+from gateway.drain import Drainer
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.metrics import Metrics
-from gateway.pool import WorkerPool
+from gateway.pool import PoolTiming, WorkerPool
 from gateway.requestid import RequestIdMiddleware
-from gateway.routing import make_policy
 from gateway.services import Services
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream, build_client
@@ -38,14 +38,22 @@ def create_app(
     clock: Callable[[], float] = time.perf_counter,
 ) -> FastAPI:
     """The gateway as an ASGI app; `transport` replaces the network to workers (tests)."""
-    policy = make_policy(settings.routing)
+    drainer = Drainer(settings.shutdown_grace_s)
+    timing = PoolTiming(
+        health_interval_s=settings.health_interval_s,
+        health_timeout_s=settings.health_timeout_s,
+        scrape_interval_s=settings.scrape_interval_s,
+        discovery_interval_s=settings.discovery_interval_s,
+        eject_after_failures=settings.eject_after_failures,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
         async with build_client(settings, transport) as client:
-            pool = WorkerPool(settings.workers, client, metrics, clock, settings.health_timeout_s)
-            await pool.refresh()
+            pool = WorkerPool(settings.workers, client, metrics, clock, timing)
+            await pool.start()
+            drainer.bind(asyncio.get_running_loop())
             admission = Admission(
                 settings.max_concurrency, settings.max_queue, settings.queue_timeout_s, settings.retry_after_s
             )
@@ -58,10 +66,12 @@ def create_app(
                 upstream=Upstream(client, settings, clock),
                 admission=admission,
                 dispatcher=Dispatcher(
-                    pool, policy, metrics, settings.max_attempts, settings.retry_backoff_s, settings.retry_after_s
+                    pool, settings.routing, settings.routing_per_model, metrics,
+                    settings.max_attempts, settings.retry_backoff_s, settings.retry_after_s,
                 ),
+                drainer=drainer,
             )
-            health = asyncio.create_task(pool.run(settings.health_interval_s), name="specgate-health")
+            health = asyncio.create_task(pool.run(), name="specgate-pool")
             logger.info("gateway ready with %d worker(s), models: %s", len(settings.workers), sorted(pool.models()))
             try:
                 yield
@@ -71,6 +81,7 @@ def create_app(
                     await health
 
     app = FastAPI(title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.drainer = drainer
     app.include_router(router)
     app.add_exception_handler(GatewayError, _gateway_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnected, _client_gone)

@@ -106,9 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
-    import uvicorn
-
-    from gateway.app import create_app
+    from gateway.serve import serve
     from gateway.settings import load_settings
 
     settings = load_settings(
@@ -123,14 +121,7 @@ def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    serve(settings)
     return 0
 
 
@@ -141,9 +132,16 @@ def _models_dir(args: argparse.Namespace) -> Path:
 
 
 def _run_up(args: argparse.Namespace) -> int:
+    import signal
+
     from engine.config import find_profile
     from engine.supervisor import Supervisor
 
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Until uvicorn takes over the signals, SIGTERM must still unwind into supervisor.stop().
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     profile = find_profile(args.profile)
     models_dir = _models_dir(args)
     if "{models_dir}" in profile.model:

@@ -17,7 +17,7 @@ from gateway.errors import (
 from gateway.metrics import Metrics, RequestRecord
 from gateway.pool import Worker, WorkerPool
 from gateway.protocol import OpenAICall
-from gateway.routing import RoutingPolicy
+from gateway.routing import RoutingPolicy, make_policy
 
 T = TypeVar("T")
 
@@ -30,18 +30,36 @@ class Dispatcher:
     def __init__(
         self,
         pool: WorkerPool,
-        policy: RoutingPolicy,
+        default_policy: str,
+        policy_per_model: dict[str, str],
         metrics: Metrics,
         max_attempts: int,
         backoff_s: float,
         retry_after_s: int,
     ) -> None:
         self._pool = pool
-        self._policy = policy
+        self._default_policy = default_policy
+        self._policy_per_model = policy_per_model
+        # Fail at start-up, not at the first request, on a misspelt policy name.
+        for name in {default_policy, *policy_per_model.values()}:
+            make_policy(name, pool.queue_depth)
+        self._policies: dict[str, RoutingPolicy] = {}
+        pool.on_removed(self._forget)
         self._metrics = metrics
         self._max_attempts = max_attempts
         self._backoff_s = backoff_s
         self._retry_after_s = retry_after_s
+
+    def policy_for(self, model: str) -> RoutingPolicy:
+        policy = self._policies.get(model)
+        if policy is None:
+            name = self._policy_per_model.get(model, self._default_policy)
+            policy = self._policies[model] = make_policy(name, self._pool.queue_depth)
+        return policy
+
+    def _forget(self, worker_url: str) -> None:
+        for policy in self._policies.values():
+            policy.forget(worker_url)
 
     async def attempt(
         self, call: OpenAICall, record: RequestRecord, send: Callable[[Worker], Awaitable[T]]
@@ -53,7 +71,7 @@ class Dispatcher:
             candidates = self._pool.candidates(call.model, exclude=tried)
             if not candidates:
                 break
-            worker = self._policy.choose(candidates, call)
+            worker = self.policy_for(call.model).choose(candidates, call)
             if tried:
                 self._metrics.upstream_retries.labels(call.model).inc()
                 await asyncio.sleep(self._backoff_s * (0.5 + random.random()) * len(tried))

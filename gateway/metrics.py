@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.loadsignals import WorkerLoad
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
@@ -193,6 +196,45 @@ class Metrics:
             "specgate_worker_in_flight", "Requests this gateway has open on the worker.",
             ["worker"], registry=reg,
         )
+        self.worker_running = Gauge(
+            "specgate_worker_running", "vllm:num_requests_running at the last scrape.", ["worker"], registry=reg
+        )
+        self.worker_waiting = Gauge(
+            "specgate_worker_waiting", "vllm:num_requests_waiting at the last scrape.", ["worker"], registry=reg
+        )
+        self.worker_kv_cache_usage = Gauge(
+            "specgate_worker_kv_cache_usage", "vllm:kv_cache_usage_perc (0-1) at the last scrape.",
+            ["worker"], registry=reg,
+        )
+        self.worker_spec_acceptance_rate = Gauge(
+            "specgate_worker_spec_acceptance_rate", "Accepted / drafted speculative tokens since the worker started.",
+            ["worker"], registry=reg,
+        )
+        self.worker_prefix_cache_hit_rate = Gauge(
+            "specgate_worker_prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens since start.",
+            ["worker"], registry=reg,
+        )
+        self._per_worker = (
+            self.worker_healthy, self.worker_in_flight, self.worker_running, self.worker_waiting,
+            self.worker_kv_cache_usage, self.worker_spec_acceptance_rate, self.worker_prefix_cache_hit_rate,
+        )
+
+    def publish_worker(self, url: str, *, available: bool, in_flight: int, load: WorkerLoad) -> None:
+        self.worker_healthy.labels(url).set(1 if available else 0)
+        self.worker_in_flight.labels(url).set(in_flight)
+        self.worker_running.labels(url).set(load.running)
+        self.worker_waiting.labels(url).set(load.waiting)
+        self.worker_kv_cache_usage.labels(url).set(load.kv_cache_usage)
+        if load.acceptance_rate is not None:
+            self.worker_spec_acceptance_rate.labels(url).set(load.acceptance_rate)
+        if load.prefix_hit_rate is not None:
+            self.worker_prefix_cache_hit_rate.labels(url).set(load.prefix_hit_rate)
+
+    def forget_worker(self, url: str) -> None:
+        """A worker that left the pool stops being reported."""
+        for gauge in self._per_worker:
+            with contextlib.suppress(KeyError):
+                gauge.remove(url)
 
     def record(self, record: RequestRecord) -> None:
         """Observe one finished request; called once, when its last byte went out or it failed."""

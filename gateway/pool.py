@@ -1,4 +1,4 @@
-"""Pool stage: the workers, their health, the models they serve, and passive ejection."""
+"""Pool stage: the workers, their health, live load, the models they serve, and passive ejection."""
 
 from __future__ import annotations
 
@@ -10,16 +10,30 @@ from typing import Any
 
 import httpx
 
+from gateway.discovery import resolve
+from gateway.loadsignals import WorkerLoad, parse_load
 from gateway.metrics import Metrics
 
 logger = logging.getLogger("specgate.pool")
 
-EJECT_AFTER_FAILURES = 3
-EJECT_BASE_S = 1.0
-EJECT_MAX_S = 30.0
+
+@dataclass(frozen=True)
+class PoolTiming:
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 2.0
+    scrape_interval_s: float = 0.25
+    discovery_interval_s: float = 10.0
+    eject_after_failures: int = 3
+    eject_base_s: float = 1.0
+    eject_max_s: float = 30.0
+
+    @property
+    def stale_after_s(self) -> float:
+        """Load older than a few scrape periods is ignored rather than trusted."""
+        return max(3 * self.scrape_interval_s, 1.0)
 
 
-@dataclass
+@dataclass(eq=False)
 class Worker:
     """One vLLM worker as the gateway sees it."""
 
@@ -30,6 +44,7 @@ class Worker:
     consecutive_failures: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    load: WorkerLoad = field(default_factory=WorkerLoad)
 
     @property
     def models(self) -> frozenset[str]:
@@ -38,40 +53,75 @@ class Worker:
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
 
+    def queue_depth(self, now: float, stale_after_s: float) -> float:
+        """This gateway's open requests plus the worker's own waiting queue, when that is fresh."""
+        waiting = self.load.waiting if self.load.fresh(now, stale_after_s) else 0.0
+        return self.in_flight + waiting
+
 
 class WorkerPool:
-    """Keeps the workers' health and models current; knows which workers may take a request now."""
+    """Keeps membership, health, models and load current; says which workers may take a request now."""
 
     def __init__(
         self,
-        urls: Sequence[str],
+        entries: Sequence[str],
         client: httpx.AsyncClient,
         metrics: Metrics,
         clock: Callable[[], float],
-        health_timeout_s: float,
+        timing: PoolTiming,
     ) -> None:
-        self.workers = [Worker(url) for url in urls]
+        self._entries = list(entries)
+        self.workers: list[Worker] = []
         self._client = client
         self._metrics = metrics
         self._clock = clock
-        self._health_timeout_s = health_timeout_s
+        self.timing = timing
+        self._on_removed: list[Callable[[str], None]] = []
+
+    def on_removed(self, callback: Callable[[str], None]) -> None:
+        self._on_removed.append(callback)
+
+    async def discover(self) -> None:
+        urls = await resolve(self._entries)
+        known = {worker.url: worker for worker in self.workers}
+        for url in urls:
+            if url not in known:
+                logger.info("worker %s joined", url)
+        for url in set(known) - set(urls):
+            logger.info("worker %s left", url)
+            self._metrics.forget_worker(url)
+            for callback in self._on_removed:
+                callback(url)
+        self.workers = [known.get(url) or Worker(url) for url in urls]
 
     async def refresh(self) -> None:
         await asyncio.gather(*(self._check(worker) for worker in self.workers))
 
-    async def run(self, interval_s: float) -> None:
-        """Active health checks until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.refresh()
+    async def scrape(self) -> None:
+        await asyncio.gather(*(self._scrape(worker) for worker in self.workers if worker.healthy))
+
+    async def start(self) -> None:
+        await self.discover()
+        await self.refresh()
+        await self.scrape()
+
+    async def run(self) -> None:
+        """Health checks, load scraping and re-discovery, each on its own period, until cancelled."""
+        await asyncio.gather(
+            _every(self.timing.health_interval_s, self.refresh),
+            _every(self.timing.scrape_interval_s, self.scrape),
+            _every(self.timing.discovery_interval_s, self.discover),
+        )
 
     async def _check(self, worker: Worker) -> None:
         was_healthy = worker.healthy
+        timeout = self.timing.health_timeout_s
         try:
-            health = await self._client.get(worker.url + "/health", timeout=self._health_timeout_s)
+            # A draining worker answers 503 here and so gets no new requests.
+            health = await self._client.get(worker.url + "/health", timeout=timeout)
             worker.healthy = health.status_code == 200
             if worker.healthy:
-                listing = await self._client.get(worker.url + "/v1/models", timeout=self._health_timeout_s)
+                listing = await self._client.get(worker.url + "/v1/models", timeout=timeout)
                 listing.raise_for_status()
                 worker.model_cards = {card["id"]: card for card in listing.json().get("data", [])}
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
@@ -79,7 +129,24 @@ class WorkerPool:
             logger.debug("health check of %s failed: %s", worker.url, exc)
         if worker.healthy != was_healthy:
             logger.info("worker %s is %s", worker.url, "healthy" if worker.healthy else "unhealthy")
-        self._metrics.worker_healthy.labels(worker.url).set(1 if worker.available(self._clock()) else 0)
+        self._publish(worker)
+
+    async def _scrape(self, worker: Worker) -> None:
+        try:
+            page = await self._client.get(worker.url + "/metrics", timeout=self.timing.health_timeout_s)
+            page.raise_for_status()
+        except httpx.HTTPError:
+            return  # the load goes stale and is then ignored; health checks decide availability
+        worker.load = parse_load(page.text, self._clock())
+        self._publish(worker)
+
+    def _publish(self, worker: Worker) -> None:
+        self._metrics.publish_worker(
+            worker.url,
+            available=worker.available(self._clock()),
+            in_flight=worker.in_flight,
+            load=worker.load,
+        )
 
     def models(self) -> dict[str, dict[str, Any]]:
         """Model id -> the card a worker gave for it (first healthy worker wins)."""
@@ -104,6 +171,9 @@ class WorkerPool:
         now = self._clock()
         return any(worker.available(now) for worker in self.workers)
 
+    def queue_depth(self, worker: Worker) -> float:
+        return worker.queue_depth(self._clock(), self.timing.stale_after_s)
+
     def started(self, worker: Worker) -> None:
         worker.in_flight += 1
         self._metrics.worker_in_flight.labels(worker.url).set(worker.in_flight)
@@ -114,16 +184,17 @@ class WorkerPool:
 
     def succeeded(self, worker: Worker) -> None:
         worker.consecutive_failures = 0
+        worker.ejections = 0
 
     def failed(self, worker: Worker) -> None:
         """A connection or 5xx failure: after a few in a row, rest the worker with growing backoff."""
         worker.consecutive_failures += 1
-        if worker.consecutive_failures >= EJECT_AFTER_FAILURES:
-            backoff = min(EJECT_BASE_S * 2**worker.ejections, EJECT_MAX_S)
+        if worker.consecutive_failures >= self.timing.eject_after_failures:
+            backoff = min(self.timing.eject_base_s * 2**worker.ejections, self.timing.eject_max_s)
             worker.ejections += 1
             worker.ejected_until = self._clock() + backoff
             worker.consecutive_failures = 0
-            self._metrics.worker_healthy.labels(worker.url).set(0)
+            self._publish(worker)
             logger.warning("worker %s ejected for %.1fs", worker.url, backoff)
 
     def admin_view(self) -> list[dict[str, Any]]:
@@ -137,6 +208,23 @@ class WorkerPool:
                 "in_flight": w.in_flight,
                 "consecutive_failures": w.consecutive_failures,
                 "ejected_for_s": max(0.0, round(w.ejected_until - now, 3)),
+                "load_fresh": w.load.fresh(now, self.timing.stale_after_s),
+                "load_age_s": None if w.load.scraped_at == float("-inf") else round(now - w.load.scraped_at, 3),
+                "running": w.load.running,
+                "waiting": w.load.waiting,
+                "kv_cache_usage": w.load.kv_cache_usage,
+                "prefix_cache_hit_rate": w.load.prefix_hit_rate,
+                "spec_acceptance_rate": w.load.acceptance_rate,
+                "spec_mean_acceptance_length": w.load.mean_acceptance_length,
             }
             for w in self.workers
         ]
+
+
+async def _every(interval_s: float, action: Callable[[], Any]) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await action()
+        except Exception:  # one bad round must not end the loop that keeps the pool current
+            logger.exception("pool maintenance failed")

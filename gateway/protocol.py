@@ -129,16 +129,31 @@ Kind = Literal["chat", "completion"]
 class OpenAICall:
     """A validated request: the original JSON object (forwarded as sent) and what routing needs."""
 
-    __slots__ = ("body", "kind", "model", "stream", "wants_continuous_usage", "wants_usage")
+    __slots__ = ("body", "kind", "model", "session_key", "stream", "wants_continuous_usage", "wants_usage")
 
-    def __init__(self, kind: Kind, body: dict[str, Any], parsed: SamplingFields) -> None:
+    def __init__(
+        self, kind: Kind, body: dict[str, Any], parsed: SamplingFields, session_header: str | None = None
+    ) -> None:
         self.kind = kind
         self.body = body
         self.model = parsed.model
         self.stream = parsed.stream
+        self.session_key = session_header or parsed.user
         options = parsed.stream_options
         self.wants_usage = bool(options and options.include_usage)
         self.wants_continuous_usage = bool(options and options.continuous_usage_stats)
+
+    def prefix_text(self) -> str:
+        """The prompt as one string, in order, for prefix-aware routing (not sent anywhere)."""
+        if self.kind == "completion":
+            prompt = self.body.get("prompt")
+            return prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
+        parts = []
+        for message in self.body.get("messages", ()):
+            content = message.get("content")
+            text = content if isinstance(content, str) else orjson.dumps(content).decode()
+            parts.append(f"\x1e{message.get('role')}\x1f{text}")
+        return "".join(parts)
 
     def upstream_body(self) -> bytes:
         """The client's body; streams also ask the worker for per-chunk usage so token counts are exact."""
@@ -167,14 +182,13 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def validate_call(kind: Kind, body: dict[str, Any]) -> OpenAICall:
+def validate_call(kind: Kind, body: dict[str, Any], session_header: str | None = None) -> OpenAICall:
     schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
         parsed = schema.model_validate(body)
     except ValidationError as exc:
         raise _as_invalid_request(exc) from None
-    _reject_nul(body.get("messages") if kind == "chat" else body.get("prompt"))
-    return OpenAICall(kind, body, parsed)
+    return OpenAICall(kind, body, parsed, session_header)
 
 
 def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
@@ -185,16 +199,3 @@ def _as_invalid_request(exc: ValidationError) -> InvalidRequest:
     if first["type"] == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'", param=param)
     return InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param)
-
-
-def _reject_nul(value: Any) -> None:
-    """NUL characters break tokenizers and logs downstream; refuse them here."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidRequest("input contains a NUL character", code="invalid_characters")
-    elif isinstance(value, list):
-        for item in value:
-            _reject_nul(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _reject_nul(item)

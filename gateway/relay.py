@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from gateway.errors import GatewayError, UpstreamFailed
+from gateway.errors import GatewayError, ShuttingDown, UpstreamFailed
 from gateway.metrics import RequestRecord
 from gateway.sse import SEPARATOR, Event, encode_data
 from gateway.upstream import OpenStream, map_transport_error
@@ -99,11 +99,13 @@ async def relay_events(
                 finished = True
                 return
             try:
-                chunk = await anext(stream.chunks)
+                chunk = await stream.next_chunk()
             except StopAsyncIteration:
                 raise UpstreamFailed("worker closed the stream before [DONE]") from None
             except httpx.HTTPError as exc:
                 raise map_transport_error(exc) from exc
+            except TimeoutError:
+                raise ShuttingDown("the gateway is shutting down; retry the request") from None
             arrived_at = clock()
             pending = [Event.parse(raw) for raw in stream.splitter.feed(chunk)]
     except GatewayError as exc:

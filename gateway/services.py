@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from gateway.admission import Admission
 from gateway.dispatch import Dispatcher
+from gateway.drain import Drainer
 from gateway.metrics import Metrics
 from gateway.pool import WorkerPool
 from gateway.settings import GatewaySettings
@@ -24,6 +25,7 @@ class Services:
     upstream: Upstream
     admission: Admission
     dispatcher: Dispatcher
+    drainer: Drainer
 
 
 def get_services(request: Request) -> Services:

@@ -47,7 +47,10 @@ class GatewaySettings(BaseSettings):
     queue_timeout_s: float = Field(30.0, gt=0)
     retry_after_s: int = Field(1, ge=0)
 
-    routing: str = Field("least_loaded", description="round_robin | least_loaded")
+    routing: str = Field(
+        "least_loaded", description="round_robin | least_loaded | power_of_two | session_affinity | prefix_aware"
+    )
+    routing_per_model: dict[str, str] = Field(default_factory=dict, description="model name -> policy")
     max_attempts: int = Field(3, ge=1, description="Workers tried for one request before the first byte")
     retry_backoff_s: float = Field(0.05, ge=0)
 
@@ -55,8 +58,17 @@ class GatewaySettings(BaseSettings):
     sse_ping_interval_s: float = Field(15.0, gt=0)
     sse_send_timeout_s: float = Field(60.0, gt=0, description="A reader that takes no bytes this long is cut")
 
+    first_token_timeout_s: float = Field(
+        120.0, gt=0, description="No first event from a worker this long: retry elsewhere before any byte went out"
+    )
+    shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long open streams may still run")
+
     health_interval_s: float = Field(2.0, gt=0)
     health_timeout_s: float = Field(2.0, gt=0)
+    scrape_interval_s: float = Field(0.25, gt=0, description="How often worker /metrics are read for load")
+    discovery_interval_s: float = Field(10.0, gt=0, description="How often dns+http:// worker names are resolved")
+    eject_after_failures: int = Field(3, ge=1)
+    session_header: str = "x-session-id"
 
     log_level: str = "info"
     request_log: bool = True

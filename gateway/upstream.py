@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ def build_client(settings: GatewaySettings, transport: httpx.AsyncBaseTransport 
     return httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport, trust_env=False)
 
 
-@dataclass
+@dataclass(eq=False)
 class OpenStream:
     """A worker stream whose status was 200 and whose first event has arrived."""
 
@@ -43,6 +44,23 @@ class OpenStream:
     sent_at: float
     first_event_at: float
     closed: bool = field(default=False)
+    # Set by the drainer: the loop time by which this stream must end (gateway shutdown).
+    deadline: float | None = None
+    _read_scope: asyncio.Timeout | None = None
+
+    async def next_chunk(self) -> bytes:
+        """The next network chunk; a TimeoutError here means the shutdown deadline passed."""
+        async with asyncio.timeout(self.deadline) as scope:
+            self._read_scope = scope
+            try:
+                return await anext(self.chunks)
+            finally:
+                self._read_scope = None
+
+    def end_by(self, deadline: float) -> None:
+        self.deadline = deadline
+        if self._read_scope is not None:
+            self._read_scope.reschedule(deadline)
 
     async def aclose(self) -> None:
         """Close the worker connection; shielded so a cancelled caller still makes vLLM abort."""
@@ -85,12 +103,17 @@ class Upstream:
             chunks = response.aiter_bytes()
             splitter = EventSplitter()
             events: list[Event] = []
-            while not events:
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    raise UpstreamFailed("worker closed the stream before its first event") from None
-                events = [Event.parse(raw) for raw in splitter.feed(chunk)]
+            try:
+                async with asyncio.timeout(self._settings.first_token_timeout_s):
+                    while not events:
+                        chunk = await anext(chunks)
+                        events = [Event.parse(raw) for raw in splitter.feed(chunk)]
+            except StopAsyncIteration:
+                raise UpstreamFailed("worker closed the stream before its first event") from None
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"no first event from the worker within {self._settings.first_token_timeout_s:g}s"
+                ) from None
             return OpenStream(response, chunks, splitter, events, sent_at, self._clock())
         except BaseException as exc:
             with anyio.CancelScope(shield=True):

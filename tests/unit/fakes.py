@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.support import free_port, serve_in_thread, wait_until
+
+__all__ = ["free_port", "serve_in_thread", "wait_until"]
 
 MODEL = "demo"
 
@@ -84,10 +84,13 @@ class ScriptedWorker:
     healthy: bool = True
     on_post: Callable[[httpx.Request], httpx.Response] | None = None
     seen: list[httpx.Request] = field(default_factory=list)
+    metrics_text: str = "vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n"
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/health":
             return httpx.Response(200 if self.healthy else 503)
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=self.metrics_text)
         if request.url.path == "/v1/models":
             return httpx.Response(
                 200, json={"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
@@ -110,7 +113,9 @@ def mock_transport(*workers: ScriptedWorker) -> httpx.MockTransport:
 
 
 def settings_for(*urls: str, **overrides: Any) -> GatewaySettings:
-    values: dict[str, Any] = {"workers": list(urls), "health_interval_s": 3600, "retry_backoff_s": 0.0}
+    values: dict[str, Any] = {
+        "workers": list(urls), "health_interval_s": 3600, "scrape_interval_s": 3600, "retry_backoff_s": 0.0,
+    }
     values.update(overrides)
     return GatewaySettings(**values)
 
@@ -125,33 +130,6 @@ async def gateway_client(
         transport=httpx.ASGITransport(app=app), base_url="http://gateway"
     ) as client:
         yield client, app
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
-    """Run an ASGI app under a real uvicorn on loopback; yields its base URL."""
-    port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 class SlowWorker:
@@ -179,6 +157,9 @@ class SlowWorker:
         path = scope["path"]
         if path == "/health":
             await _plain(send, 200, b"{}")
+            return
+        if path == "/metrics":
+            await _plain(send, 200, b"vllm:num_requests_running 0.0\n")
             return
         if path == "/v1/models":
             await _plain(send, 200, json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode())
@@ -223,12 +204,3 @@ async def _sleep_or_disconnect(seconds: float, watcher: asyncio.Future[None]) ->
         return True
     done, _ = await asyncio.wait({watcher}, timeout=seconds)
     return bool(done)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval_s)
-    return condition()

@@ -52,7 +52,7 @@ def _never_called(request: httpx.Request) -> httpx.Response:
         ({**CHAT, "messages": [{"content": "no role"}]}, "messages"),
         ({**CHAT, "not_a_field": 1}, "not_a_field"),
         ({**CHAT, "temperature": "hot"}, "temperature"),
-        ({**CHAT, "messages": [{"role": "user", "content": "a\u0000b"}]}, None),
+        (b'{"model": "demo", "messages": [{"role": "user", "content": "a\x00b"}]}', None),
     ],
 )
 async def test_invalid_input_is_a_400_and_never_reaches_a_worker(body: object, param: str | None) -> None:
@@ -69,6 +69,12 @@ async def test_vllm_extra_sampling_parameters_pass_through() -> None:
     assert response.status_code == 200
     forwarded = json.loads(worker.seen[0].content)
     assert {key: forwarded[key] for key in extras} == extras
+
+
+async def test_escaped_nul_is_valid_json_text_and_passes_through() -> None:
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": [], "usage": {}}))
+    response = await _post(worker, {**CHAT, "messages": [{"role": "user", "content": "a\u0000b"}]})
+    assert response.status_code == 200
 
 
 async def test_unknown_model_is_a_404() -> None:

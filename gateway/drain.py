@@ -1,0 +1,48 @@
+"""Shutdown stage: on SIGTERM refuse new work, let open streams run for a grace period, then end them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.upstream import OpenStream
+
+logger = logging.getLogger("specgate.drain")
+
+
+class Drainer:
+    """Knows the open streams; `begin()` may be called from a signal handler or another thread."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.draining = False
+        self._open: set[OpenStream] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def track(self, stream: OpenStream) -> None:
+        if self.draining and self._loop is not None:
+            stream.end_by(self._loop.time() + self.grace_s)
+        self._open.add(stream)
+
+    def untrack(self, stream: OpenStream) -> None:
+        self._open.discard(stream)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._open)
+
+    def begin(self) -> None:
+        if self._loop is None or self.draining:
+            return
+        self._loop.call_soon_threadsafe(self._begin)
+
+    def _begin(self) -> None:
+        assert self._loop is not None
+        self.draining = True
+        deadline = self._loop.time() + self.grace_s
+        logger.info("draining: %d open stream(s) get %.0fs to finish", len(self._open), self.grace_s)
+        for stream in self._open:
+            stream.end_by(deadline)

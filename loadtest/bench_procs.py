@@ -1,0 +1,46 @@
+"""Benchmark script plumbing: free loopback ports, CPU pinning, health waits and CPU-time accounting."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(cpu: str | None, argv: list[str]) -> list[str]:
+    """`argv` under `taskset -c cpu`, or unchanged when no core is given or taskset is missing."""
+    return ["taskset", "-c", cpu, *argv] if cpu and shutil.which("taskset") else argv
+
+
+def wait_healthy(url: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} not healthy after {timeout_s}s")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process, from /proc (it is not a waited-for child yet)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of all children waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

@@ -1,0 +1,273 @@
+"""Load generator scheduler: a workload's requests by fixed concurrency, Poisson arrivals or a trace, within caps."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from loadtest.records import RequestRecord, RequestSpec
+from loadtest.sse_client import ClientOptions, build_session, send_request
+from loadtest.summary import summarize
+from loadtest.targets import resolve_target
+from loadtest.workloads import RandomPrompts, Session, TraceReplay, Workload
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """One load run. Arrivals: `rate` (Poisson, sessions/s) if set, else `concurrency` closed-loop streams;
+    a TraceReplay workload brings its own arrival times. Always bounded by num_requests and/or duration_s."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    endpoint: str = "chat"
+    model: str = "demo"
+    workload: Workload = field(default_factory=RandomPrompts)
+    concurrency: int = 1
+    rate: float | None = None
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    num_requests: int | None = 100
+    duration_s: float | None = None
+    drain_timeout_s: float = 30.0
+    warmup_requests: int = 0
+    ignore_eos: bool = False
+    continuous_usage: bool = True
+    headers: tuple[tuple[str, str], ...] = ()
+    request_timeout_s: float = 600.0
+    read_timeout_s: float = 60.0
+    slos_s: tuple[tuple[str, float], ...] = ()
+    percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
+    allow_remote: bool = False
+    seed: int = 0
+    progress: bool = True
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_requests is None and self.duration_s is None:
+            raise ValueError("a run needs a bound: num_requests and/or duration_s")
+        if self.concurrency < 1 or (self.rate is not None and self.rate <= 0):
+            raise ValueError("concurrency must be >= 1 and rate > 0")
+
+    @property
+    def arrival(self) -> Literal["trace", "poisson", "concurrency"]:
+        if isinstance(self.workload, TraceReplay):
+            return "trace"
+        return "poisson" if self.rate is not None else "concurrency"
+
+    def describe(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "workload"}
+        data["headers"] = [name for name, _ in self.headers]  # values may hold secrets
+        workload = self.workload
+        fields: dict[str, Any] = {}
+        if dataclasses.is_dataclass(workload) and not isinstance(workload, type):
+            fields = dataclasses.asdict(workload)
+        data["workload"] = {"kind": type(workload).__name__, **{k: str(v) for k, v in fields.items()}}
+        data["arrival"] = self.arrival
+        return data
+
+
+@dataclass
+class RunResult:
+    config: LoadConfig
+    records: list[RequestRecord]
+    summary: dict[str, Any]
+    duration_s: float
+    started_at: float  # wall-clock epoch seconds
+
+
+class _Run:
+    """State of one run: budget, records and progress, shared by its request tasks."""
+
+    def __init__(self, config: LoadConfig, session: aiohttp.ClientSession, options: ClientOptions,
+                 on_record: Callable[[RequestRecord], None]) -> None:
+        self.config = config
+        self.session = session
+        self.options = options
+        self.on_record = on_record
+        self.records: list[RequestRecord] = []
+        self.start = time.perf_counter()
+        self.deadline = self.start + config.duration_s if config.duration_s is not None else None
+        self.limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+
+    def _take(self) -> RequestRecord | None:
+        """Claim the next request slot, or None once a cap is reached."""
+        if self.exhausted:
+            return None
+        record = RequestRecord(index=len(self.records))
+        self.records.append(record)
+        return record
+
+    @property
+    def exhausted(self) -> bool:
+        cap = self.config.num_requests
+        if cap is not None and len(self.records) >= cap:
+            return True
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    async def session_task(self, session: Session, spec: RequestSpec) -> None:
+        """Run a session's requests one after another, feeding each reply into the next turn."""
+        while True:
+            arrived = time.perf_counter()
+            if self.limit is not None:
+                await self.limit.acquire()
+            try:
+                record = self._take()
+                if record is None:
+                    return
+                record.queue_s = time.perf_counter() - arrived
+                record.session, record.turn = spec.session, spec.turn
+                try:
+                    reply = await send_request(self.session, self.options, spec, record, run_start=self.start,
+                                               want_text=spec.session is not None)
+                finally:
+                    self.on_record(record)
+            finally:
+                if self.limit is not None:
+                    self.limit.release()
+            if not record.ok:
+                return  # a failed turn ends its conversation
+            try:
+                spec = session.send(reply)
+            except StopIteration:
+                return
+
+    async def closed_loop(self, sessions: Any) -> None:
+        async def stream() -> None:
+            while not self.exhausted:
+                session = next(sessions, None)
+                if session is None:
+                    return
+                first = next(session, None)
+                if first is not None:
+                    await self.session_task(session, first)
+
+        await asyncio.gather(*(stream() for _ in range(self.config.concurrency)))
+
+    async def open_loop(self, sessions: Any) -> None:
+        """Poisson (gamma when burstiness != 1) arrivals, or a trace's timestamps, on an absolute schedule."""
+        config = self.config
+        offsets = None
+        if config.arrival == "poisson":
+            assert config.rate is not None
+            offsets = arrival_offsets(config.rate, config.burstiness, config.seed, config.num_requests)
+        tasks: set[asyncio.Task[None]] = set()
+        launched = 0
+        for session in sessions:
+            if self.exhausted or (config.num_requests is not None and launched >= config.num_requests):
+                break
+            first = next(session, None)
+            if first is None:
+                continue
+            due = self.start + ((first.at or 0.0) if offsets is None else next(offsets))
+            if self.deadline is not None and due >= self.deadline:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(self.session_task(session, first))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            launched += 1
+        if tasks:
+            await asyncio.gather(*tasks)
+
+
+def arrival_offsets(rate: float, burstiness: float, seed: int, count: int | None) -> Iterator[float]:
+    """Arrival times (s after start) with gamma-distributed gaps; shape 1 is a Poisson process.
+
+    With a known count the times are rescaled so the last lands at count / rate, as vllm bench does, so that
+    throughput does not swing with the random sum of the gaps.
+    """
+    rng = random.Random(seed)
+    scale = 1.0 / (rate * burstiness)
+    if count is None:
+        offset = 0.0
+        while True:
+            offset += rng.gammavariate(burstiness, scale)
+            yield offset
+    offsets = list(itertools.accumulate(rng.gammavariate(burstiness, scale) for _ in range(count)))
+    factor = (count / rate) / offsets[-1] if offsets and offsets[-1] > 0 else 1.0
+    yield from (offset * factor for offset in offsets)
+
+
+async def _warm_up(config: LoadConfig, session: aiohttp.ClientSession, options: ClientOptions) -> None:
+    """Requests outside the measurement, so connection setup and server caches do not skew the first records."""
+    sessions = config.workload.sessions()
+    for index in range(config.warmup_requests):
+        first = next(next(sessions, iter(())), None)
+        if first is None:
+            return
+        await send_request(session, options, first, RequestRecord(index=-1 - index), run_start=time.perf_counter())
+
+
+async def run_scenario(config: LoadConfig, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
+    """Run one load scenario in the caller's event loop and summarise it (the in-process API)."""
+    url, chat = resolve_target(config.base_url, config.endpoint, allow_remote=config.allow_remote)
+    options = ClientOptions(url=url, model=config.model, chat=chat, ignore_eos=config.ignore_eos,
+                            continuous_usage=config.continuous_usage, headers=config.headers,
+                            request_timeout_s=config.request_timeout_s, read_timeout_s=config.read_timeout_s)
+    progress = _progress(config)
+    started_at = time.time()
+
+    def record_done(record: RequestRecord) -> None:
+        if progress is not None:
+            progress.update(1)
+        if on_record is not None:
+            on_record(record)
+
+    async with build_session(options) as session:
+        if config.warmup_requests:
+            await _warm_up(config, session, options)
+        run = _Run(config, session, options, record_done)
+        sessions = iter(config.workload.sessions())
+        driver = asyncio.ensure_future(
+            run.closed_loop(sessions) if config.arrival == "concurrency" else run.open_loop(sessions))
+        try:
+            if config.duration_s is None:
+                await driver
+            else:
+                # Past the duration no request starts; in-flight ones get drain_timeout_s, then are cancelled.
+                await asyncio.wait({driver}, timeout=config.duration_s + config.drain_timeout_s)
+                if not driver.done():
+                    driver.cancel()
+                    await asyncio.gather(driver, return_exceptions=True)
+        finally:
+            duration = time.perf_counter() - run.start
+            if progress is not None:
+                progress.close()
+    summary = summarize(run.records, duration, slos_s=dict(config.slos_s), percentiles=config.percentiles)
+    return RunResult(config=config, records=run.records, summary=summary, duration_s=duration, started_at=started_at)
+
+
+def _progress(config: LoadConfig) -> Any:
+    if not config.progress:
+        return None
+    from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs; only update() and close() are used
+
+    return tqdm(total=config.num_requests, unit="req", desc=config.label or "loadtest", mininterval=0.5,
+                dynamic_ncols=True, leave=False)
+
+
+async def run_sweep(
+    config: LoadConfig, kind: Literal["concurrency", "rate"], levels: Sequence[float]
+) -> list[RunResult]:
+    """The same scenario at each load level, one after another."""
+    results = []
+    for level in levels:
+        if kind == "concurrency":
+            step = dataclasses.replace(config, concurrency=int(level), rate=None, label=f"concurrency={int(level)}")
+        else:
+            step = dataclasses.replace(config, rate=float(level), label=f"rate={level:g}")
+        results.append(await run_scenario(step))
+    return results
+
+
+def slos_from(mapping: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(mapping.items()))

