@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MANIFEST = "specgate_model.json"
 TARGET_DIR = "demo-target"
 DRAFT_DIR = "demo-draft"
@@ -44,11 +44,13 @@ class Recipe:
     draft_layers: int = 1
     heads: int = 4
     max_positions: int = 2048
-    window: int = 256
+    window: int = 128
     batch: int = 16
-    target_train_s: float = 150.0
-    draft_train_s: float = 90.0
-    learning_rate: float = 2e-3
+    # Step counts, not time budgets, so every machine builds the same weights (about 5 min on 2 cores).
+    target_steps: int = 180
+    draft_steps: int = 240
+    learning_rate: float = 3e-3
+    warmup_steps: int = 15
 
 
 def default_models_dir() -> Path:
@@ -203,23 +205,23 @@ def _batches(ids: Any, recipe: Recipe, generator: Any) -> Any:
 def _train_target(model: Any, ids: Any, recipe: Recipe) -> tuple[float, int]:
     import torch
 
-    _say(f"training the {recipe.target_layers}-layer target for {recipe.target_train_s:.0f}s")
+    _say(f"training the {recipe.target_layers}-layer target for {recipe.target_steps} steps")
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
     batches = _batches(ids, recipe, torch.Generator().manual_seed(recipe.seed))
     model.train()
-    return _timed_loop(
-        recipe.target_train_s,
-        lambda: model(input_ids=(batch := next(batches)), labels=batch).loss,
-        optimizer,
-        "target loss",
-    )
+
+    def lm_step() -> Any:
+        batch = next(batches)
+        return model(input_ids=batch, labels=batch).loss
+
+    return _train_loop(recipe, recipe.target_steps, lm_step, optimizer, "target loss")
 
 
 def _distill_draft(draft: Any, target: Any, ids: Any, recipe: Recipe) -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
 
-    _say(f"distilling the {recipe.draft_layers}-layer draft from the target for {recipe.draft_train_s:.0f}s")
+    _say(f"distilling the {recipe.draft_layers}-layer draft from the target for {recipe.draft_steps} steps")
     target.eval()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
     batches = _batches(ids, recipe, torch.Generator().manual_seed(recipe.seed + 1))
@@ -232,25 +234,36 @@ def _distill_draft(draft: Any, target: Any, ids: Any, recipe: Recipe) -> tuple[f
         student = F.log_softmax(draft(input_ids=batch).logits, dim=-1)
         return F.kl_div(student, teacher, log_target=True, reduction="batchmean") / batch.shape[1]
 
-    return _timed_loop(recipe.draft_train_s, kl_step, optimizer, "draft KL")
+    return _train_loop(recipe, recipe.draft_steps, kl_step, optimizer, "draft KL")
 
 
-def _timed_loop(budget_s: float, loss_of_step: Any, optimizer: Any, label: str) -> tuple[float, int]:
+def _train_loop(recipe: Recipe, steps: int, loss_of_step: Any, optimizer: Any, label: str) -> tuple[float, int]:
+    """Warm-up then cosine decay; progress every ~10 s with an estimate of the time left."""
+    import math
+
+    import torch
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / recipe.warmup_steps)
+        * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
+    )
     started = time.monotonic()
-    step = 0
     smoothed = float("nan")
     last_report = started
-    while time.monotonic() - started < budget_s:
+    for step in range(1, steps + 1):
         loss = loss_of_step()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
         optimizer.step()
-        step += 1
+        schedule.step()
         value = float(loss.detach())
-        smoothed = value if step == 1 else 0.95 * smoothed + 0.05 * value
+        smoothed = value if step == 1 else 0.9 * smoothed + 0.1 * value
         now = time.monotonic()
         if now - last_report >= 10:
             last_report = now
-            _say(f"  step {step}: {label} {smoothed:.3f} ({now - started:.0f}/{budget_s:.0f}s)")
-    _say(f"  finished after {step} steps: {label} {smoothed:.3f}")
-    return smoothed, step
+            left = (now - started) / step * (steps - step)
+            _say(f"  step {step}/{steps}: {label} {smoothed:.3f} (about {left:.0f}s left)")
+    _say(f"  finished {steps} steps in {time.monotonic() - started:.0f}s: {label} {smoothed:.3f}")
+    return smoothed, steps

@@ -50,7 +50,7 @@ class OpenStream:
 
     async def next_chunk(self) -> bytes:
         """The next network chunk; a TimeoutError here means the shutdown deadline passed."""
-        async with asyncio.timeout(self.deadline) as scope:
+        async with asyncio.timeout_at(self.deadline) as scope:
             self._read_scope = scope
             try:
                 return await anext(self.chunks)
@@ -94,30 +94,31 @@ class Upstream:
         )
 
     async def open_stream(self, worker_url: str, path: str, body: bytes, request_id: str) -> OpenStream:
+        """Send the request and wait, within the first-token timeout, for a 200 and the first event."""
         request = self._request(worker_url, path, body, request_id)
         sent_at = self._clock()
-        response = await _send(self._client, request, stream=True)
+        limit = self._settings.first_token_timeout_s
+        response: httpx.Response | None = None
         try:
-            if response.status_code != 200:
-                raise await _status_error(response)
-            chunks = response.aiter_bytes()
-            splitter = EventSplitter()
-            events: list[Event] = []
-            try:
-                async with asyncio.timeout(self._settings.first_token_timeout_s):
-                    while not events:
-                        chunk = await anext(chunks)
-                        events = [Event.parse(raw) for raw in splitter.feed(chunk)]
-            except StopAsyncIteration:
-                raise UpstreamFailed("worker closed the stream before its first event") from None
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"no first event from the worker within {self._settings.first_token_timeout_s:g}s"
-                ) from None
+            async with asyncio.timeout(limit):
+                response = await _send(self._client, request, stream=True)
+                if response.status_code != 200:
+                    raise await _status_error(response)
+                chunks = response.aiter_bytes()
+                splitter = EventSplitter()
+                events: list[Event] = []
+                while not events:
+                    chunk = await anext(chunks)
+                    events = [Event.parse(raw) for raw in splitter.feed(chunk)]
             return OpenStream(response, chunks, splitter, events, sent_at, self._clock())
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            if response is not None:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            if isinstance(exc, StopAsyncIteration):
+                raise UpstreamFailed("worker closed the stream before its first event") from None
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(f"no first event from the worker within {limit:g}s") from None
             if isinstance(exc, httpx.HTTPError):
                 raise map_transport_error(exc) from exc
             raise

@@ -31,9 +31,10 @@ def measure(args: argparse.Namespace, gap_ms: float, concurrency: int, out_dir: 
     engine = subprocess.Popen(pinned(args.engine_cpu, engine_argv))
     try:
         wait_healthy(url)
-        # Enough requests for about --seconds of streaming at the engine's nominal pace.
+        # Enough requests for about --seconds of streaming at the engine's nominal pace; flat out (gap 0) has
+        # no pace, so it gets a fixed three rounds.
         per_request_s = (args.ttft_ms + gap_ms * (args.output_len - 1)) / 1000
-        rounds = max(2, round(args.seconds / per_request_s)) if per_request_s > 0 else 2
+        rounds = max(2, round(args.seconds / per_request_s)) if gap_ms > 0 else 3
         name = f"gap{gap_ms:g}-c{concurrency}"
         client_argv = [sys.executable, "-m", "loadtest.generator", "--base-url", url, "--endpoint", "completions",
                        "--input-len", "16", "--output-len", str(args.output_len), "--ignore-eos",

@@ -1,7 +1,8 @@
-"""Benchmark script plumbing: free loopback ports, CPU pinning, health waits and CPU-time accounting."""
+"""Benchmark process plumbing: free loopback ports, CPU pinning, health waits, CPU time and file limits."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -44,3 +45,12 @@ def children_cpu_seconds() -> float:
     """User + system CPU of all children waited for so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one: a thousand streams need a thousand sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, 65536) if hard == resource.RLIM_INFINITY else hard
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

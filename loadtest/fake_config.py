@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specgate fake-engine",
         description="A fake vLLM worker (test double and benchmark target; never the product path).",
+        epilog="Per request: header x-fake-fault: KIND[:AFTER_EVENTS] (or body field fake_fault, or "
+               "vllm_xargs.fake_fault), x-fake-ttft-ms, x-fake-gap-ms, x-fake-tokens-per-chunk.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)

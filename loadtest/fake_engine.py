@@ -40,7 +40,7 @@ class _Reset(Exception):
 class _Call:
     """Per-request disconnect state shared between the handler and its watcher."""
 
-    task: asyncio.Task[Any] | None
+    task: asyncio.Task[Any]
     finished: bool = False
     disconnected: bool = False
     resetting: bool = False
@@ -123,10 +123,15 @@ class FakeEngine:
             await respond(send, status, error_body(status, f"injected fault: HTTP {status}"), headers)
             return
 
-        call = _Call(task=asyncio.current_task())
+        task = asyncio.current_task()
+        assert task is not None, "ASGI apps run inside a task"
+        call = _Call(task=task)
         watcher = asyncio.ensure_future(self._watch(receive, call))
         reserved = plan.prompt_tokens + plan.output_tokens
         try:
+            if plan.stream:
+                # Like vLLM's StreamingResponse: headers go out at once, even while the request waits for a slot.
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await self._admit(plan)
             stats.running += 1
             stats.tokens_in_flight += reserved
@@ -148,7 +153,7 @@ class FakeEngine:
             if not call.disconnected:
                 raise
             # Our own watcher cancelled us: the client left, so generation stops here (vLLM aborts the request).
-            call.task.uncancel()  # type: ignore[union-attr]
+            task.uncancel()
             stats.aborted_total += 1
             stats.count_finished("abort")
         finally:
@@ -159,8 +164,10 @@ class FakeEngine:
         stats = self.stats
         stats.prompt_tokens_total += plan.prompt_tokens
         stats.prefix_queries_total += plan.prompt_tokens
-        if plan.prefix_key is not None and self._prefixes.lookup(plan.prefix_key):
-            stats.prefix_hits_total += plan.prefix_tokens
+        # Every prefix is looked up (and so remembered); the longest one seen before is the cached part.
+        hits = [tokens for key, tokens in plan.prefixes if self._prefixes.lookup(key)]
+        if hits:
+            stats.prefix_hits_total += max(hits)
         if self._slots is None:
             return
         if self._slots.locked():
@@ -177,7 +184,7 @@ class FakeEngine:
             message = await receive()
             if message["type"] == "http.disconnect":
                 call.disconnected = True
-                if not call.finished and not call.resetting and call.task is not None:
+                if not call.finished and not call.resetting:
                     call.task.cancel()
                 return
 
@@ -206,7 +213,6 @@ class FakeEngine:
         stats = self.stats
         writer = ChunkWriter(chat=plan.chat, request_id=self._request_id(plan), model=self.config.model,
                              prompt_tokens=plan.prompt_tokens, continuous_usage=plan.continuous_usage)
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         strike_at = plan.fault_after if plan.fault is not None else -1
         sent = produced = 0
         if strike_at == 0:
@@ -272,10 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`specgate fake-engine ...`: serve a fake vLLM worker in the foreground."""
     import uvicorn
 
+    from loadtest.bench_procs import raise_open_file_limit
+
     config, args = parse_config(sys.argv[1:] if argv is None else argv)
     print(f"fake vLLM worker (not a model) serving '{config.model}' on http://{args.host}:{args.port}/v1 "
           f"ttft={config.ttft_s * 1000:g}ms gap={config.gap_s * 1000:g}ms k={config.tokens_per_chunk}",
           file=sys.stderr, flush=True)
+    raise_open_file_limit()
     # Startup objects live forever; frozen, collections stay short and never stall the streams' schedule.
     gc.collect()
     gc.freeze()

@@ -39,8 +39,8 @@ class Plan:
     ttft_s: float
     gap_s: float
     tokens_per_chunk: int
-    prefix_key: int | None = None
-    prefix_tokens: int = 0
+    # (key, tokens) of each message-boundary prefix of a chat, shortest first, for the prefix-cache counters.
+    prefixes: tuple[tuple[int, int], ...] = ()
     fault: str | None = None
     fault_after: int = 0
     request_id: str | None = None
@@ -56,16 +56,26 @@ def _content_chars(content: Any) -> int:
     raise BadRequest(400, "message content must be a string or a list of parts", "messages")
 
 
-def _chat_chars(messages: Any) -> tuple[int, int]:
-    """(characters of the whole conversation, characters of all but the last message)."""
+def _chat_size(messages: Any, config: FakeEngineConfig) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(prompt tokens, message-boundary prefixes) of a conversation, the whole prompt last.
+
+    The whole prompt is a prefix of the next turn's prompt: registering it lets a multi-turn chat hit the cache
+    for its previous turn, as vLLM's block-wise prefix caching would."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest(400, "messages must be a non-empty list", "messages")
-    sizes = []
-    for message in messages:
+    chars = 0
+    key = 0
+    prefixes = []
+    for count, message in enumerate(messages, 1):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(400, "each message needs a string role", "messages")
-        sizes.append(_content_chars(message.get("content")))
-    return sum(sizes), sum(sizes[:-1])
+        if count > 1:
+            prefixes.append((key, math.ceil(chars / config.chars_per_token) + _CHAT_TOKENS_PER_MESSAGE * (count - 1)))
+        chars += _content_chars(message.get("content"))
+        key = hash((key, orjson.dumps(message)))
+    prompt_tokens = math.ceil(chars / config.chars_per_token) + _CHAT_TOKENS_PER_MESSAGE * len(messages)
+    prefixes.append((key, prompt_tokens))
+    return prompt_tokens, tuple(prefixes)
 
 
 def _prompt_size(prompt: Any, config: FakeEngineConfig) -> int:
@@ -127,13 +137,9 @@ def plan_request(raw: bytes, *, chat: bool, config: FakeEngineConfig) -> Plan:
     options = options or {}
     include_usage = bool(options.get("include_usage"))
 
-    prefix_key: int | None = None
-    prefix_chars = 0
+    prefixes: tuple[tuple[int, int], ...] = ()
     if chat:
-        chars, prefix_chars = _chat_chars(body.get("messages"))
-        prompt_tokens = math.ceil(chars / config.chars_per_token) + _CHAT_TOKENS_PER_MESSAGE * len(body["messages"])
-        if len(body["messages"]) > 1:
-            prefix_key = hash(orjson.dumps(body["messages"][:-1]))
+        prompt_tokens, prefixes = _chat_size(body.get("messages"), config)
         max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
     else:
         prompt_tokens = _prompt_size(body.get("prompt"), config)
@@ -164,8 +170,7 @@ def plan_request(raw: bytes, *, chat: bool, config: FakeEngineConfig) -> Plan:
         ttft_s=config.ttft_s + prompt_tokens * config.prefill_s_per_token,
         gap_s=config.gap_s,
         tokens_per_chunk=config.tokens_per_chunk,
-        prefix_key=prefix_key,
-        prefix_tokens=min(prompt_tokens, math.ceil(prefix_chars / config.chars_per_token)),
+        prefixes=prefixes if config.prompt_tokens is None else (),
     )
     if fault is not None:
         plan.fault, plan.fault_after = parse_fault(fault, config.faults.after_events)

@@ -148,8 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvloop
 
+    from loadtest.bench_procs import raise_open_file_limit
     from loadtest.report import markdown, write_run, write_sweep
 
+    raise_open_file_limit()
     # Objects alive now live for the whole run; frozen, they never make a collection pause a stream's timing.
     gc.collect()
     gc.freeze()

@@ -139,18 +139,19 @@ def _level(result: RunResult, kind: str) -> float:
 def plot_sweep(results: Sequence[RunResult], kind: str, path: Path) -> Path:
     plt = _pyplot()
     levels = [_level(result, kind) for result in results]
+    xlabel = "concurrent streams" if kind == "concurrency" else "arrival rate (req/s)"
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"))
     for axis, (key, name) in zip(axes.flat, panels, strict=False):
         for p, style in (("p50", "o-"), ("p99", "s--")):
             axis.plot(levels, [r.summary[key].get(p) or float("nan") for r in results], style, label=f"{name} {p}")
-        axis.set_xlabel(kind)
+        axis.set_xlabel(xlabel)
         axis.set_ylabel("ms")
         axis.set_title(f"{name} vs load")
         axis.legend()
     throughput = axes.flat[3]
     throughput.plot(levels, [r.summary["output_throughput"] for r in results], "o-", label="output tok/s")
-    throughput.set_xlabel(kind)
+    throughput.set_xlabel(xlabel)
     throughput.set_ylabel("tokens/s")
     throughput.set_title("throughput vs load")
     throughput.legend()

@@ -102,12 +102,12 @@ class _StreamState:
             self.buffer = b""
 
     def event(self, event: bytes, now: float) -> None:
-        event = event.strip()
-        if not event or event.startswith(b":"):
-            return  # keep-alive comments carry no data
-        if event.startswith(b"data:") and b"\n" not in event:
-            payload = event[5:].lstrip()
+        if event.startswith(b"data: ") and b"\n" not in event:
+            payload = event[6:]  # the shape of nearly every event: one data line, nothing to strip
         else:
+            event = event.strip()
+            if not event or event.startswith(b":"):
+                return  # keep-alive comments carry no data
             payload = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
         record = self.record
         if payload == b"[DONE]":

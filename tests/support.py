@@ -19,6 +19,25 @@ def free_port() -> int:
         return port
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports (what `specgate up --worker-port` takes)."""
+    for _ in range(100):
+        first = free_port()
+        probes = []
+        try:
+            for offset in range(count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", first + offset))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError(f"no run of {count} free ports")
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
     """Run an ASGI app under a real uvicorn on loopback; yields its base URL."""

@@ -132,12 +132,15 @@ def test_metrics_show_the_requests_ttft_below_e2e_and_its_tokens(
 def test_client_disconnect_mid_stream_frees_the_worker(gateway_url: str, worker_url: str) -> None:
     body = {"model": MODEL, "messages": PROMPT, "max_tokens": 1500, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as http, http.stream("POST", gateway_url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
         lines = r.iter_lines()
-        data_lines = 0
+        seen: list[str] = []
         for line in lines:
-            data_lines += line.startswith("data:")
-            if data_lines >= 5:
+            if line.startswith("data:"):
+                seen.append(line)
+            if len(seen) >= 5:
                 break
+        assert len(seen) == 5 and all("error" not in line for line in seen), seen
         assert worker_metric(worker_url, "vllm:num_requests_running") == 1
     # Leaving the block closed the connection mid-stream.
     assert wait_until(lambda: worker_metric(worker_url, "vllm:num_requests_running") == 0, timeout_s=2.0)

@@ -204,7 +204,7 @@ def test_disconnect_mid_stream_aborts_generation() -> None:
 
 
 def test_requests_beyond_max_running_wait() -> None:
-    engine = FakeEngine(FakeEngineConfig(ttft_s=0, gap_s=0.01, output_len=30, max_running=1))
+    engine = FakeEngine(FakeEngineConfig(ttft_s=0, gap_s=0.01, output_len=10, max_running=1))
 
     async def scenario(url: str) -> tuple[int, int]:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:

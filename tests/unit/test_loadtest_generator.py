@@ -37,15 +37,19 @@ def test_metrics_follow_vllm_bench_definitions() -> None:
     assert [r.kind for r in result.records] == ["ok"] * 6
     for record in result.records:
         assert record.ttft_s is not None and record.latency_s is not None
-        assert ttft <= record.ttft_s < ttft + 0.010
+        # Never less than the engine's TTFT (its millisecond timers may fire up to ~0.6 ms early).
+        assert record.ttft_s > ttft - 0.001
         # Chat: the role chunk is the first event with choices, then 16 content events.
         assert len(record.itl_s) == tokens
         assert record.output_tokens == tokens and not record.tokens_estimated and record.saw_done
         assert record.chunk_tokens == [0] + [1] * tokens
         tpot = record.tpot_s
-        assert tpot is not None and abs(tpot - gap) < 0.0012
+        assert tpot is not None
         assert abs(record.latency_s - (record.ttft_s + (tokens - 1) * tpot)) < 1e-9
-        assert abs(statistics.mean(record.itl_s[1:]) - gap) < 0.0012
+    # Timing tolerances on medians: a loaded machine may delay one event, not the typical one.
+    assert ttft - 0.001 < statistics.median(r.ttft_s or 0 for r in result.records) < ttft + 0.008
+    assert abs(statistics.median(r.tpot_s or 0 for r in result.records) - gap) < 0.001
+    assert abs(statistics.median(g for r in result.records for g in r.itl_s[1:]) - gap) < 0.0015
     summary = result.summary
     assert summary["requests"] == {"total": 6, "completed": 6, "failed": 0, "cancelled": 0}
     assert abs(summary["tpot_ms"]["mean"] - gap * 1000) < 1.2
@@ -147,8 +151,9 @@ def test_shared_prefix_chat_builds_histories_per_user() -> None:
         assert [r.turn for r in turns] == [0, 1]
         assert turns[1].start_s >= turns[0].start_s + (turns[0].latency_s or 0)
         assert (turns[1].prompt_tokens or 0) > (turns[0].prompt_tokens or 0)  # history grew
-    # The shared system prompt is a cached prefix from the second user's first turn on.
-    assert engine.stats.prefix_hits_total > 0
+    # Cached: the system prompt (400 chars = 100 tokens + 4 template) for users 1 and 2 in turn 0, then each
+    # user's whole turn-0 prompt (system + 20-char message: 105 + 8) in turn 1.
+    assert engine.stats.prefix_hits_total == 2 * 104 + 3 * 113
 
 
 def test_trace_replay_follows_timestamps(tmp_path: Path) -> None:

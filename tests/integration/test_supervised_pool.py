@@ -1,0 +1,158 @@
+"""`specgate up` with two real workers: a worker killed under load loses nothing that had not started,
+ends its own streams with an error event, is restarted, and gets traffic again; disconnects free slots."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.conftest import worker_metric
+from tests.support import free_port, free_port_run, wait_until
+
+MODEL = "demo"
+LONG = {"model": MODEL, "prompt": "def main():\n", "max_tokens": 400, "ignore_eos": True, "stream": True}
+SHORT = {"model": MODEL, "prompt": "import os\n", "max_tokens": 4}
+
+
+@dataclass
+class Cluster:
+    gateway: str
+    worker_ports: list[int]
+    process: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+
+    def worker_url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.worker_ports[index]}"
+
+    def view(self) -> dict[str, dict[str, object]]:
+        workers = httpx.get(self.gateway + "/admin/workers", timeout=5).json()["workers"]
+        return {w["url"]: w for w in workers}
+
+    def all_available(self) -> bool:
+        try:
+            view = self.view()
+        except httpx.HTTPError:
+            return False
+        return len(view) == 2 and all(w["available"] for w in view.values())
+
+
+def worker_processes(port: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "vllm.entrypoints.openai.api_server" in cmdline and str(port) in cmdline:
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    gateway_port, first_worker = free_port(), free_port_run(2)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--profile", "cpu-baseline", "--workers", "2",
+         "--port", str(gateway_port), "--worker-port", str(first_worker), "--models-dir", str(models_dir),
+         "--log-dir", str(tmp_path_factory.mktemp("up-logs"))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    cluster = Cluster(f"http://127.0.0.1:{gateway_port}", [first_worker, first_worker + 1], process)
+    reader = threading.Thread(target=lambda: cluster.output.extend(process.stdout or []), daemon=True)
+    reader.start()
+    try:
+        assert wait_until(cluster.all_available, timeout_s=900, interval_s=1), "".join(cluster.output)[-3000:]
+        yield cluster
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+
+
+def _stream_outcome(gateway: str, results: list[str]) -> None:
+    """'done', 'error' or 'other:<why>' for one long stream."""
+    try:
+        with httpx.stream("POST", gateway + "/v1/completions", json=LONG, timeout=120) as response:
+            last = ""
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    last = line
+        if last == "data: [DONE]":
+            results.append("done")
+        elif last.startswith("data: {") and "error" in json.loads(last[6:]):
+            results.append("error")
+        else:
+            results.append(f"other:{response.status_code}:{last[:80]}")
+    except httpx.HTTPError as exc:
+        results.append(f"other:{type(exc).__name__}")
+
+
+def test_killing_a_worker_under_load_loses_no_unstarted_request(cluster: Cluster) -> None:
+    killed_url = cluster.worker_url(0)
+    results: list[str] = []
+    streams = [threading.Thread(target=_stream_outcome, args=(cluster.gateway, results)) for _ in range(6)]
+    for thread in streams:
+        thread.start()
+    assert wait_until(
+        lambda: worker_metric(killed_url, "vllm:num_requests_running") > 0
+        and worker_metric(cluster.worker_url(1), "vllm:num_requests_running") > 0,
+        timeout_s=60,
+    ), "the streams were not spread over both workers"
+    (victim,) = worker_processes(cluster.worker_ports[0])
+    victim.send_signal(signal.SIGKILL)
+
+    after_kill = [httpx.post(cluster.gateway + "/v1/completions", json=SHORT, timeout=60) for _ in range(10)]
+    assert [r.status_code for r in after_kill] == [200] * 10, [r.text for r in after_kill if r.status_code != 200]
+
+    for thread in streams:
+        thread.join(timeout=180)
+    assert not any(thread.is_alive() for thread in streams), "a stream hung"
+    assert sorted(results).count("error") >= 1, results
+    assert all(outcome in ("done", "error") for outcome in results), results
+    assert results.count("done") >= 1, results
+    assert cluster.view()[killed_url]["available"] is False or "restart 1" in "".join(cluster.output)
+
+    assert wait_until(cluster.all_available, timeout_s=600, interval_s=1), "the killed worker never came back"
+    before = cluster.view()[killed_url]
+    served_before = worker_metric(killed_url, "vllm:request_success_total") if before else 0.0
+    for _ in range(12):
+        assert httpx.post(cluster.gateway + "/v1/completions", json=SHORT, timeout=60).status_code == 200
+    assert worker_metric(killed_url, "vllm:request_success_total") > served_before, "no traffic after restart"
+
+
+def test_client_disconnects_under_load_free_every_worker(cluster: Cluster) -> None:
+    assert wait_until(cluster.all_available, timeout_s=600, interval_s=1)
+    clients = [httpx.Client(timeout=60) for _ in range(8)]
+    opened = []
+    try:
+        for client in clients:
+            response = client.send(client.build_request("POST", cluster.gateway + "/v1/completions", json=LONG),
+                                   stream=True)
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            opened.append((response, lines))
+        running = sum(worker_metric(cluster.worker_url(i), "vllm:num_requests_running") for i in range(2))
+        assert running == 8
+    finally:
+        for response, _ in opened:
+            response.close()
+        for client in clients:
+            client.close()
+    for index in range(2):
+        url = cluster.worker_url(index)
+        assert wait_until(lambda url=url: worker_metric(url, "vllm:num_requests_running") == 0, timeout_s=2.0)
+
+
+def test_stopping_specgate_up_leaves_no_worker_behind(cluster: Cluster) -> None:
+    cluster.process.send_signal(signal.SIGTERM)
+    cluster.process.wait(timeout=120)
+    assert cluster.process.returncode == 0, "".join(cluster.output)[-2000:]
+    for port in cluster.worker_ports:
+        assert wait_until(lambda port=port: not worker_processes(port), timeout_s=30), f"worker :{port} left behind"

@@ -1,0 +1,214 @@
+"""Worker faults before and after the first byte, ejection, draining and graceful shutdown (real HTTP)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.discovery import resolve
+from gateway.loadsignals import parse_load
+from gateway.metrics import Metrics
+from gateway.pool import PoolTiming, Worker, WorkerPool
+from tests.unit.fakes import (
+    MODEL,
+    ScriptedWorker,
+    SlowWorker,
+    gateway_client,
+    mock_transport,
+    serve_in_thread,
+    settings_for,
+    vllm_stream,
+    wait_until,
+)
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+STREAM = {**CHAT, "stream": True}
+
+
+@contextlib.contextmanager
+def gateway_over(*workers: SlowWorker, **overrides: Any) -> Iterator[tuple[str, Any]]:
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(serve_in_thread(worker)) for worker in workers]
+        app = create_app(settings_for(*urls, **overrides))
+        yield stack.enter_context(serve_in_thread(app)), app
+
+
+def _events(body: str) -> list[str]:
+    return [event for event in body.split("\n\n") if event.startswith("data:")]
+
+
+def test_a_worker_with_no_first_token_in_time_is_abandoned_for_another() -> None:
+    hung = SlowWorker(vllm_stream([1]), gap_s=0, first_delay_s=30)
+    healthy = SlowWorker(vllm_stream([1, 1]), gap_s=0)
+    with gateway_over(hung, healthy, first_token_timeout_s=0.3, routing="round_robin") as (url, _):
+        answers = [httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert all(_events(a.text)[-1] == "data: [DONE]" for a in answers)
+    assert hung.started.is_set() and wait_until(hung.disconnected.is_set, 2), "the hung request was closed"
+
+
+def test_a_stalled_stream_ends_with_an_idle_timeout_error_event() -> None:
+    stalled = SlowWorker(vllm_stream([1] * 5), gap_s=30)
+    with gateway_over(stalled, stream_idle_timeout_s=0.3) as (url, _):
+        started = time.monotonic()
+        reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+        took = time.monotonic() - started
+    events = _events(reply.text)
+    assert reply.status_code == 200
+    assert json.loads(events[-1][6:])["error"]["type"] == "upstream_timeout"
+    assert "finish_reason\": \"stop" not in reply.text
+    assert took < 5
+    assert wait_until(stalled.disconnected.is_set, 2)
+
+
+def test_graceful_shutdown_refuses_new_work_and_ends_long_streams_after_the_grace() -> None:
+    long_stream = SlowWorker(vllm_stream([1] * 400), gap_s=0.02)
+    with (
+        gateway_over(long_stream, shutdown_grace_s=0.5) as (url, app),
+        httpx.Client(base_url=url, timeout=10) as client,
+        client.stream("POST", "/v1/chat/completions", json=STREAM) as open_stream,
+    ):
+        lines = open_stream.iter_lines()
+        next(lines)
+        app.state.drainer.begin()
+        assert wait_until(lambda: client.get("/ready").status_code == 503, 2)
+        refused = client.post("/v1/chat/completions", json=STREAM)
+        rest = [line for line in lines if line.startswith("data:")]
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert refused.json()["error"]["code"] == "shutting_down"
+    assert json.loads(rest[-1][6:])["error"]["code"] == "shutting_down"
+    assert len(rest) < 400
+    assert wait_until(long_stream.disconnected.is_set, 2)
+
+
+def test_a_stream_that_finishes_within_the_grace_is_not_cut() -> None:
+    short = SlowWorker(vllm_stream([1] * 10), gap_s=0.02)
+    with (
+        gateway_over(short, shutdown_grace_s=5) as (url, app),
+        httpx.Client(base_url=url, timeout=10) as client,
+        client.stream("POST", "/v1/chat/completions", json=STREAM) as open_stream,
+    ):
+        lines = open_stream.iter_lines()
+        next(lines)
+        app.state.drainer.begin()
+        rest = [line for line in lines if line.startswith("data:")]
+    assert rest[-1] == "data: [DONE]"
+
+
+@pytest.mark.anyio
+async def test_a_worker_answering_429_is_retried_elsewhere() -> None:
+    busy = ScriptedWorker(url="http://busy:1", on_post=lambda r: httpx.Response(429, text="slow down"))
+    free = ScriptedWorker(url="http://free:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    settings = settings_for(busy.url, free.url, routing="round_robin")
+    async with gateway_client(settings, mock_transport(busy, free)) as (client, _):
+        answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+
+
+@pytest.mark.anyio
+async def test_consecutive_failures_eject_a_worker_then_it_is_tried_again() -> None:
+    flaky = ScriptedWorker(url="http://flaky:1", on_post=lambda r: httpx.Response(500))
+    good = ScriptedWorker(url="http://good:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    now = [100.0]
+    settings = settings_for(flaky.url, good.url, routing="round_robin", eject_after_failures=2)
+    async with gateway_client(settings, mock_transport(flaky, good), clock=lambda: now[0]) as (client, _app):
+        for _ in range(4):
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        tried_while_ok = len(flaky.seen)
+        for _ in range(6):
+            await client.post("/v1/chat/completions", json=CHAT)
+        assert len(flaky.seen) == tried_while_ok, "an ejected worker gets no requests"
+        view = (await client.get("/admin/workers")).json()["workers"]
+        assert [w["available"] for w in view] == [False, True]
+        now[0] += 60
+        flaky.on_post = lambda r: httpx.Response(200, json={"choices": []})
+        for _ in range(4):
+            await client.post("/v1/chat/completions", json=CHAT)
+        assert len(flaky.seen) > tried_while_ok, "after its backoff the worker is tried again"
+
+
+@pytest.mark.anyio
+async def test_the_whole_pool_is_never_ejected() -> None:
+    workers = [ScriptedWorker(url=f"http://w{i}:1", on_post=lambda r: httpx.Response(500)) for i in range(2)]
+    async with gateway_client(settings_for(*(w.url for w in workers), eject_after_failures=1),
+                              mock_transport(*workers)) as (client, _):
+        for _ in range(3):
+            await client.post("/v1/chat/completions", json=CHAT)
+        seen = sum(len(w.seen) for w in workers)
+        await client.post("/v1/chat/completions", json=CHAT)
+        assert sum(len(w.seen) for w in workers) > seen, "with everyone ejected, workers are still tried"
+
+
+@pytest.mark.anyio
+async def test_a_draining_worker_gets_no_new_requests() -> None:
+    draining = ScriptedWorker(url="http://draining:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    other = ScriptedWorker(url="http://other:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    async with gateway_client(settings_for(draining.url, other.url, routing="round_robin"),
+                              mock_transport(draining, other)) as (client, app):
+        draining.healthy = False  # vLLM answers 503 on /health while it drains
+        await app.state.services.pool.refresh()
+        for _ in range(4):
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    assert draining.seen == [] and len(other.seen) == 4
+
+
+@pytest.mark.anyio
+async def test_load_is_scraped_and_stale_load_is_ignored() -> None:
+    worker = ScriptedWorker(url="http://w:1", metrics_text="vllm:num_requests_waiting{model_name=\"demo\"} 7.0\n")
+    now = [10.0]
+    async with gateway_client(settings_for(worker.url), mock_transport(worker), clock=lambda: now[0]) as (_, app):
+        pool = app.state.services.pool
+        (tracked,) = pool.workers
+        assert pool.queue_depth(tracked) == 7
+        now[0] += 4 * pool.timing.scrape_interval_s
+        assert pool.queue_depth(tracked) == 0, "a queue length several scrapes old must not steer routing"
+
+
+def test_parse_load_sums_label_sets_and_ignores_other_metrics() -> None:
+    text = "\n".join([
+        "# HELP vllm:num_requests_running x",
+        'vllm:num_requests_running{engine="0",model_name="demo"} 2.0',
+        'vllm:num_requests_running{engine="1",model_name="demo"} 3.0',
+        'vllm:kv_cache_usage_perc{model_name="demo"} 0.25',
+        'vllm:spec_decode_num_draft_tokens_total{model_name="demo"} 300.0',
+        'vllm:spec_decode_num_accepted_tokens_total{model_name="demo"} 150.0',
+        'vllm:spec_decode_num_drafts_total{model_name="demo"} 100.0',
+        'vllm:num_requests_running_by_reason{model_name="demo"} 99.0',
+    ])
+    load = parse_load(text, now=1.0)
+    assert (load.running, load.kv_cache_usage) == (5.0, 0.25)
+    assert load.acceptance_rate == 0.5
+    assert load.mean_acceptance_length == 2.5
+
+
+@pytest.mark.anyio
+async def test_dns_names_resolve_to_one_worker_per_address() -> None:
+    urls = await resolve(["dns+http://localhost:8100", "http://static:9000"])
+    assert "http://127.0.0.1:8100" in urls
+    assert "http://static:9000" in urls
+    assert await resolve(["dns+http://no-such-host.invalid:1"]) == []
+
+
+@pytest.mark.anyio
+async def test_discovery_adds_and_removes_workers_and_forgets_their_gauges() -> None:
+    metrics = Metrics()
+    removed: list[str] = []
+    async with httpx.AsyncClient(transport=mock_transport()) as client:
+        pool = WorkerPool(["http://a:1", "http://b:1"], client, metrics, lambda: 0.0, PoolTiming())
+        pool.on_removed(removed.append)
+        await pool.discover()
+        kept = pool.workers[0]
+        metrics.publish_worker("http://b:1", available=True, in_flight=0, load=Worker("x").load)
+        pool._entries = ["http://a:1", "http://c:1"]
+        await pool.discover()
+    assert [w.url for w in pool.workers] == ["http://a:1", "http://c:1"]
+    assert pool.workers[0] is kept, "a worker that stays keeps its state"
+    assert removed == ["http://b:1"]
+    assert metrics.registry.get_sample_value("specgate_worker_healthy", {"worker": "http://b:1"}) is None
