@@ -84,8 +84,7 @@ async def forward(request: Request, services: ServicesDep, kind: Kind, path: str
         ticket = await unless_disconnected(request.receive, services.admission.acquire())
     except (GatewayError, ClientDisconnected) as exc:
         _finish_early(services, record, exc)
-        services.metrics.record(record)
-        services.metrics.log(record)
+        _account(services, record)
         raise
     record.admitted_at = services.clock()
     services.metrics.in_flight.labels(call.model).inc()
@@ -93,8 +92,7 @@ async def forward(request: Request, services: ServicesDep, kind: Kind, path: str
     def on_finish(done: RequestRecord) -> None:
         ticket.release()
         services.metrics.in_flight.labels(call.model).dec()
-        services.metrics.record(done)
-        services.metrics.log(done)
+        _account(services, done)
 
     try:
         if call.stream:
@@ -176,6 +174,12 @@ async def _complete(
     record.finished_at = services.clock()
     on_finish(record)
     return Response(content, status_code=200, media_type="application/json")
+
+
+def _account(services: Services, record: RequestRecord) -> None:
+    services.metrics.record(record)
+    if services.settings.request_log:
+        services.metrics.log(record)
 
 
 def _finish_early(services: Services, record: RequestRecord, exc: BaseException) -> None:

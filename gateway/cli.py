@@ -138,9 +138,10 @@ def _run_up(args: argparse.Namespace) -> int:
     from engine.supervisor import Supervisor
 
     def stop_on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise SystemExit(0)
 
-    # Until uvicorn takes over the signals, SIGTERM must still unwind into supervisor.stop().
+    # SIGTERM is a requested stop: unwind through supervisor.stop() and exit 0. uvicorn installs its
+    # own handler while it serves and raises the signal again once it has drained, which lands here.
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     profile = find_profile(args.profile)
     models_dir = _models_dir(args)

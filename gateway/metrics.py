@@ -219,6 +219,19 @@ class Metrics:
             self.worker_kv_cache_usage, self.worker_spec_acceptance_rate, self.worker_prefix_cache_hit_rate,
         )
 
+    def prepare(self, model: str, worker: str) -> None:
+        """Create a model/worker's series at zero before its first request, so that Prometheus's rate()
+        sees the counters rise from 0 instead of appearing already at their first value."""
+        for family in (
+            self.ttft, self.time_between_tokens, self.inter_chunk, self.tokens_per_chunk,
+            self.output_tokens_per_second, self.upstream_ttft, self.prompt_tokens, self.output_tokens,
+        ):
+            family.labels(model, worker)
+        self.requests.labels(model, worker, "200")
+        self.e2e.labels(model, worker, "200")
+        for per_model in (self.queue, self.in_flight, self.client_disconnects, self.upstream_retries):
+            per_model.labels(model)
+
     def publish_worker(self, url: str, *, available: bool, in_flight: int, load: WorkerLoad) -> None:
         self.worker_healthy.labels(url).set(1 if available else 0)
         self.worker_in_flight.labels(url).set(in_flight)

@@ -124,6 +124,8 @@ class WorkerPool:
                 listing = await self._client.get(worker.url + "/v1/models", timeout=timeout)
                 listing.raise_for_status()
                 worker.model_cards = {card["id"]: card for card in listing.json().get("data", [])}
+                for model in worker.model_cards:
+                    self._metrics.prepare(model, worker.url)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             worker.healthy = False
             logger.debug("health check of %s failed: %s", worker.url, exc)

@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gap-ms", str(args.gap_ms)]))
     try:
         wait_healthy(f"http://127.0.0.1:{port}")
-        print(f"{args.streams} streams x {args.tokens} events, gap {args.gap_ms:g} ms")
+        print(f"{args.streams} streams x {args.tokens} events, gap {args.gap_ms:g} ms\n")
         print("| client | events | wall s | client CPU s | CPU µs/event | events/s |\n|---|---|---|---|---|---|")
         for name in CLIENTS:
             child = [sys.executable, "-m", "loadtest.bench_clients", "--child", name, "--streams", str(args.streams),

@@ -89,18 +89,24 @@ def recompute(vllm_result: dict[str, Any]) -> dict[str, Any]:
 def table(vllm_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]], ours_name: str,
           digits: int = 3) -> tuple[str, list[dict[str, Any]]]:
     """Median over rounds of each metric (one disturbed round on a shared machine does not move it)."""
-    lines = [f"| metric | vllm bench | {ours_name} | ratio |", "|---|---|---|---|"]
     rows = []
     for label, vkey, path in ROWS:
-        theirs = median(float(run[vkey]) for run in vllm_runs)
-        ours = median(_ours(run, path) for run in our_runs)
-        ratio = ours / theirs if theirs else float("nan")
-        flag = "" if abs(ratio - 1) <= TOLERANCE else " ⚠"
-        lines.append(f"| {label} | {theirs:.{digits}f} | {ours:.{digits}f} | {ratio:.{digits}f}{flag} |")
-        rows.append({"metric": label, "vllm_bench": theirs, "ours": ours, "ratio": ratio,
-                     "vllm_bench_rounds": [float(run[vkey]) for run in vllm_runs],
-                     "ours_rounds": [_ours(run, path) for run in our_runs]})
-    return "\n".join(lines) + "\n", rows
+        theirs = [float(run[vkey]) for run in vllm_runs]
+        ours = [_ours(run, path) for run in our_runs]
+        ratio = median(ours) / median(theirs) if median(theirs) else float("nan")
+        rows.append({"metric": label, "vllm_bench": median(theirs), "ours": median(ours), "ratio": ratio,
+                     "vllm_bench_rounds": theirs, "ours_rounds": ours})
+    return render(rows, ours_name, digits), rows
+
+
+def render(rows: list[dict[str, Any]], ours_name: str, digits: int = 3) -> str:
+    lines = [f"| metric | vllm bench | {ours_name} | ratio | rounds: vllm bench / ours |", "|---|---|---|---|---|"]
+    for row in rows:
+        flag = "" if abs(row["ratio"] - 1) <= TOLERANCE else " ⚠"
+        rounds = " / ".join(", ".join(f"{v:.1f}" for v in row[key]) for key in ("vllm_bench_rounds", "ours_rounds"))
+        lines.append(f"| {row['metric']} | {row['vllm_bench']:.{digits}f} | {row['ours']:.{digits}f} | "
+                     f"{row['ratio']:.{digits}f}{flag} | {rounds} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,9 @@ def render_metrics(stats: EngineStats, *, model: str, kv_capacity_tokens: int, s
                stats.spec_draft_tokens_total, "_total")
         metric("vllm:spec_decode_num_accepted_tokens", "counter", "Number of accepted tokens.",
                stats.spec_accepted_tokens_total, "_total")
+    # Not a vLLM metric: the fake's own count of SSE events with choices, for 1:1 delivery checks.
+    metric("fake_engine:sse_events", "counter", "SSE events with choices sent (role and token chunks).",
+           stats.events_total, "_total")
     lines.append("# HELP vllm:request_success Count of successfully processed requests.")
     lines.append("# TYPE vllm:request_success counter")
     for reason in ("stop", "length", "abort"):

@@ -29,6 +29,13 @@ def pinned(core: int | None, argv: list[str]) -> list[str]:
 @contextlib.contextmanager
 def worker(profile_name: str, port: int, core: str | None, log_dir: Path) -> Iterator[str]:
     """One vLLM worker for the profile; `core` is its OpenMP binding ("0", "0|1", ...)."""
+    with worker_process(profile_name, port, core, log_dir) as process:
+        yield process.url
+
+
+@contextlib.contextmanager
+def worker_process(profile_name: str, port: int, core: str | None, log_dir: Path) -> Iterator[WorkerProcess]:
+    """As `worker`, yielding the process handle (for benchmarks that kill it)."""
     profile = find_profile(profile_name)
     models_dir = default_models_dir()
     if "{models_dir}" in profile.model:
@@ -38,7 +45,7 @@ def worker(profile_name: str, port: int, core: str | None, log_dir: Path) -> Ite
     process.start()
     try:
         process.wait_ready(600, say)
-        yield process.url
+        yield process
     finally:
         process.stop()
 

@@ -138,7 +138,7 @@ class _Run:
             except StopIteration:
                 return
 
-    async def closed_loop(self, sessions: Any) -> None:
+    async def closed_loop(self, sessions: Iterator[Session]) -> None:
         async def stream() -> None:
             while not self.exhausted:
                 session = next(sessions, None)
@@ -150,7 +150,7 @@ class _Run:
 
         await asyncio.gather(*(stream() for _ in range(self.config.concurrency)))
 
-    async def open_loop(self, sessions: Any) -> None:
+    async def open_loop(self, sessions: Iterator[Session]) -> None:
         """Poisson (gamma when burstiness != 1) arrivals, or a trace's timestamps, on an absolute schedule."""
         config = self.config
         offsets = None

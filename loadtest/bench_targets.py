@@ -1,0 +1,172 @@
+"""Benchmark targets as pinned subprocesses: the fake engine, specgate (and its upstream-client variants), peers.
+
+Each `start_*` is a context manager yielding a `Target` (name, base URL, pid for RSS and CPU readings); it
+stops the process (and anything it spawned, by its own process group) on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtest import peers
+from loadtest.bench_procs import free_port, pinned
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    pid: int | None  # None for "direct": the engine is not what is measured
+    note: str = ""
+
+
+def _wait(url: str, process: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{url} did not come up (exit {process.poll()}); log tail:\n{tail}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _process(name: str, argv: Sequence[str], health_url: str, cpu: str | None, log_dir: Path,
+             env: dict[str, str] | None = None, timeout_s: float = 90.0) -> Iterator[int]:
+    log = log_dir / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(pinned(cpu, list(argv)), stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        _wait(health_url, process, timeout_s, log)
+        yield process.pid
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group this process leads (it may have spawned workers), SIGKILL after 10 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def start_engine(engine_args: Sequence[str], cpu: str | None, log_dir: Path) -> Iterator[Target]:
+    """The fake vLLM worker; `engine_args` are `specgate fake-engine` flags (timing, output length, faults)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "loadtest.fake_engine", "--port", str(port), *engine_args]
+    url = f"http://127.0.0.1:{port}"
+    with _process(f"engine-{port}", argv, url + "/health", cpu, log_dir) as pid:
+        yield Target("direct", url, pid)
+
+
+@contextlib.contextmanager
+def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str | None = None) -> Iterator[Target]:
+    """specgate as users run it (`gateway.cli gateway`), or a `loadtest.gateway_variants` upstream-client variant."""
+    port = free_port()
+    if variant is None:
+        argv = [sys.executable, "-m", "gateway.cli", "gateway", "--workers", upstream, "--port", str(port),
+                "--log-level", "warning"]
+        name = "specgate"
+    else:
+        from loadtest.gateway_variants import parse_variant
+
+        parse_variant(variant)  # fail here, not in the child
+        argv = [sys.executable, "-m", "loadtest.gateway_variants", "--variant", variant, "--workers", upstream,
+                "--port", str(port)]
+        name = f"specgate:{variant}"
+    url = f"http://127.0.0.1:{port}"
+    env = {"SPECGATE_REQUEST_LOG": "false"}
+    with _process(f"{name.replace(':', '-').replace('+', '-')}-{port}", argv, url + "/ready", cpu, log_dir, env) as pid:
+        yield Target(name, url, pid)
+
+
+@contextlib.contextmanager
+def start_litellm(upstream: str, cpu: str | None, log_dir: Path) -> Iterator[Target]:
+    port = free_port()
+    launch = peers.litellm_launch(port, upstream, log_dir)
+    url = f"http://127.0.0.1:{port}"
+    with _process(f"litellm-{port}", launch.argv, url + launch.health_path, cpu, log_dir, launch.env, 180) as pid:
+        yield Target("litellm", url, pid, note=f"litellm {peers.peer('litellm').version()}")
+
+
+@contextlib.contextmanager
+def start_vllm_router(upstream: str, cpu: str | None, log_dir: Path) -> Iterator[Target]:
+    port = free_port()
+    launch = peers.vllm_router_launch(port, upstream, free_port())
+    url = f"http://127.0.0.1:{port}"
+    with _process(f"vllm-router-{port}", launch.argv, url + launch.health_path, cpu, log_dir, launch.env) as pid:
+        yield Target("vllm-router", url, pid, note=f"vllm-router {peers.peer('vllm-router').version()}")
+
+
+def start_target(name: str, upstream: str, cpu: str | None, log_dir: Path) -> contextlib.AbstractContextManager[Target]:
+    """`specgate`, `specgate:<variant>`, `litellm` or `vllm-router` in front of `upstream`."""
+    if name == "specgate":
+        return start_specgate(upstream, cpu, log_dir)
+    if name.startswith("specgate:"):
+        return start_specgate(upstream, cpu, log_dir, name.split(":", 1)[1])
+    if name == "litellm":
+        return start_litellm(upstream, cpu, log_dir)
+    if name == "vllm-router":
+        return start_vllm_router(upstream, cpu, log_dir)
+    raise ValueError(f"unknown target {name!r}")
+
+
+def missing_peer(name: str, root: Path = peers.PEERS_DIR) -> str | None:
+    """Why a peer target cannot run (its venv is missing), or None when it can."""
+    if name in peers.NAMES and not peers.peer(name).available(root):
+        return f"{name} skipped: no venv at {peers.peer(name).venv_dir(root)} (python -m loadtest.peers install {name})"
+    return None
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process plus its descendants (a peer may fork workers), in KiB; 0 once it is gone."""
+    total = 0
+    for member in _tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    from loadtest.bench_procs import process_cpu_seconds
+
+    total = 0.0
+    for member in _tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += process_cpu_seconds(member)
+    return total
+
+
+def _tree(pid: int) -> list[int]:
+    members, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        members.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children") if Path(f"/proc/{current}").exists() else ():
+            with contextlib.suppress(OSError):
+                todo.extend(int(child) for child in task.read_text().split())
+    return members

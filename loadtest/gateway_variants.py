@@ -1,0 +1,119 @@
+"""specgate with a chosen upstream HTTP client, for the upstream-client comparison (not a product entry point).
+
+    python -m loadtest.gateway_variants --variant httpx-aiohttp --workers http://127.0.0.1:8100 --port 8001
+
+Variants (everything else is the gateway as shipped, served like gateway/serve.py does):
+- httpx-default: httpx's default pool (100 connections, 20 kept alive for 5 s);
+- httpx-tuned: what build_client makes (max_upstream_connections = 2048, all kept alive 30 s);
+- httpx-aiohttp: httpx's API over aiohttp's connection pool (httpx_aiohttp.AiohttpTransport), same limits.
+
+A variant may add candidate fixes, monkeypatched here to measure them before they go into gateway/:
+`httpx-tuned+reuse+quiet` (see FIXES). Logging is set up as `specgate gateway` does (INFO root logger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+
+import httpx
+from starlette.requests import Request  # at module level: FastAPI resolves the dependency's annotations here
+
+from gateway.settings import GatewaySettings
+
+VARIANTS = ("httpx-default", "httpx-tuned", "httpx-aiohttp")
+FIXES = {
+    "reuse": "read the upstream body to its end (the chunked terminator after [DONE]) before closing it, so the "
+             "connection goes back to the pool instead of being dropped",
+    "quiet": "httpx's logger at WARNING: no INFO line per upstream request",
+    "asyncdep": "get_services as an async dependency: FastAPI runs a sync one in its thread pool on every request",
+}
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    base, *fixes = text.split("+")
+    if base not in VARIANTS or any(fix not in FIXES for fix in fixes):
+        raise ValueError(f"bad variant {text!r}: one of {', '.join(VARIANTS)}, then +fix from {', '.join(FIXES)}")
+    return base, tuple(fixes)
+
+
+def apply_fixes(fixes: Sequence[str]) -> None:
+    """Patch the gateway's modules; must run before gateway.app (and so gateway.api) is imported."""
+    if "asyncdep" in fixes:
+        from gateway import services
+
+        async def get_services(request: Request) -> services.Services:
+            found: services.Services = request.app.state.services
+            return found
+
+        services.get_services = get_services  # type: ignore[assignment]
+    if "quiet" in fixes:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    if "reuse" in fixes:
+        from gateway import upstream
+
+        close = upstream.OpenStream.aclose
+
+        async def drain_then_close(self: upstream.OpenStream) -> None:
+            if not self.closed:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(0.05):
+                        async for _ in self.chunks:
+                            pass
+            await close(self)
+
+        upstream.OpenStream.aclose = drain_then_close  # type: ignore[method-assign]
+
+
+def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTransport | None:
+    """The transport handed to create_app; None keeps build_client's own (the tuned httpx pool)."""
+    if variant == "httpx-tuned":
+        return None
+    if variant == "httpx-default":
+        return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+    if variant == "httpx-aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        limits = httpx.Limits(max_connections=settings.max_upstream_connections,
+                              max_keepalive_connections=settings.max_upstream_connections, keepalive_expiry=30.0)
+        return AiohttpTransport(limits=limits, trust_env=False)
+    raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.gateway_variants", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", required=True, help=f"{' | '.join(VARIANTS)}, optionally +{'+'.join(FIXES)}")
+    parser.add_argument("--workers", required=True, help="comma-separated worker URLs")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    try:
+        base, fixes = parse_variant(args.variant)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    apply_fixes(fixes)
+
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.serve import UVICORN_MARGIN_S, DrainingServer
+    from gateway.settings import load_settings
+
+    settings = load_settings(workers=args.workers, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(settings, transport=transport_for(base, settings))
+    grace = int(settings.shutdown_grace_s) + UVICORN_MARGIN_S
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=grace)
+    DrainingServer(config, app.state.drainer).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

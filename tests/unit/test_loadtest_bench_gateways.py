@@ -1,0 +1,45 @@
+"""The side-by-side gateway benchmark at toy scale: direct + specgate processes, report and 1:1 delivery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from loadtest import bench_gateways
+from loadtest.bench_report import one_to_one
+
+
+def test_tiny_benchmark_writes_report_and_delivers_one_to_one(tmp_path: Path) -> None:
+    args = bench_gateways.build_parser().parse_args([
+        "--phases", "latency,chunks", "--targets", "direct,specgate", "--levels", "4", "--rounds", "1",
+        "--min-requests", "8", "--output-len", "5", "--ttft-ms", "5", "--gap-ms", "1",
+        "--chunk-level", "4", "--chunk-rounds", "1", "--gateway-cpu", "", "--client-cpu", "",
+        "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "report.md"),
+    ])
+    paths = bench_gateways.run(args, "python -m loadtest.bench_gateways (test)")
+
+    assert tmp_path / "report.md" in paths
+    report = (tmp_path / "report.md").read_text()
+    assert "## Latency at GPU-like timing" in report and "## 4 tokens per event" in report
+    assert "| specgate | events and tokens 1:1 at 1 and 4 tokens per event |" in report
+    for phase, events_per_request in (("latency", 6), ("chunks", 3)):  # role + tokens: 1 + 5, or 1 + 1 + 4
+        data = orjson.loads((tmp_path / "out" / f"{phase}.json").read_bytes())
+        assert [row["target"] for row in data["rows"]] == ["direct", "specgate"]
+        for row in data["rows"]:
+            assert row["requests"]["completed"] == 8 and not row["errors"]
+            assert row["client_events"] == row["engine_events"] == 8 * events_per_request
+            assert row["client_tokens"] == row["engine_tokens"] == 8 * 5
+            assert one_to_one(row) == "yes"
+        specgate = data["rows"][1]
+        assert specgate["rss_peak_mib"] > 0 and specgate["target_cpu_share"] > 0
+
+
+def test_missing_peer_is_skipped_with_a_note(tmp_path: Path) -> None:
+    from loadtest import bench_targets, peers
+
+    assert bench_targets.missing_peer("specgate", tmp_path) is None
+    for name in peers.NAMES:
+        note = bench_targets.missing_peer(name, tmp_path)
+        assert note is not None and "skipped" in note and f"python -m loadtest.peers install {name}" in note
+    assert "api_base: http://127.0.0.1:9/v1" in peers.litellm_config("http://127.0.0.1:9/")
