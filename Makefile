@@ -41,7 +41,7 @@ models: install
 	$(BIN)/specgate models build
 
 lint: install
-	$(BIN)/ruff check gateway engine loadtest tests
+	$(BIN)/ruff check gateway engine loadtest tests deploy
 	$(BIN)/mypy
 
 bench: install models

@@ -181,15 +181,16 @@ def test_gateway_runs_as_non_root_and_outlasts_its_drain() -> None:
     assert pod["terminationGracePeriodSeconds"] > 30, "uvicorn drains streams for 30 s after SIGTERM"
 
 
-def test_gateway_lists_every_worker_pod_the_autoscaler_may_create() -> None:
+def test_gateway_discovers_the_worker_pods_through_the_headless_service() -> None:
     docs = _manifests()
     gateway = _containers(_find(docs, "Deployment", "specgate-gateway"))[0]
     statefulset = _find(docs, "StatefulSet", "specgate-worker")
-    hpa = _find(docs, "HorizontalPodAutoscaler", "specgate-worker")
-    service = statefulset["spec"]["serviceName"]
-    workers = [url.strip() for url in _env(gateway)["SPECGATE_WORKERS"].split(",")]
-    expected = [f"http://specgate-worker-{i}.{service}:{WORKER_PORT}" for i in range(hpa["spec"]["maxReplicas"])]
-    assert workers == expected
+    service = _find(docs, "Service", statefulset["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None", "only a headless Service resolves to every pod"
+    assert _env(gateway)["SPECGATE_WORKERS"] == f"dns+http://{service['metadata']['name']}:{WORKER_PORT}"
+    from gateway.settings import GatewaySettings
+
+    assert GatewaySettings(discovery_interval_s=_env(gateway)["SPECGATE_DISCOVERY_INTERVAL_S"]).discovery_interval_s
 
 
 def test_pod_disruption_budgets_cover_gateway_and_workers() -> None:
