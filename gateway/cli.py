@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = models_commands.add_parser("build", help="build the demo target and draft (cached)")
     build.add_argument("--models-dir", type=Path)
     build.add_argument("--force", action="store_true")
-    models_commands.add_parser("path", help="print the models directory")
+    path = models_commands.add_parser("path", help="print the models directory")
+    path.add_argument("--models-dir", type=Path)
 
     # These hand their remaining arguments to loadtest/, which parses its own.
     commands.add_parser("loadtest", help="drive an OpenAI endpoint with load (see: specgate loadtest --help)",
