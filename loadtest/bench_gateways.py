@@ -127,11 +127,25 @@ def run_phase(phase: str, args: argparse.Namespace, command: str) -> dict[str, A
             "engine_args": engine_args(args, phase), "targets": [t.name for t in targets],
             "notes": [t.note for t in targets if t.note and t.name != "direct"], "skipped": skipped,
             "gateway_cpu": gateway_cpu, "client_cpu": client_cpu, "load": _load_average(), "rows": rows}
-    if phase in ("latency", "chunks"):
-        data["levels"] = list(args.levels if phase == "latency" else (args.chunk_level,))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{phase}.json").write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    path = args.out_dir / f"{phase}.json"
+    if phase in ("latency", "chunks") and path.exists():
+        data = _merge(orjson.loads(path.read_bytes()), data)
+    path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
     return data
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Levels run separately (to keep each run short) go into one table: new rows replace old ones of the
+    same level, and the commands of both runs are kept. Runs with other targets or timing start afresh."""
+    if old.get("targets") != new["targets"] or old.get("engine_args") != new["engine_args"]:
+        return new
+    levels = {row["level"] for row in new["rows"]}
+    kept = [row for row in old["rows"] if row["level"] not in levels]
+    order = {name: i for i, name in enumerate(new["targets"])}
+    rows = sorted([*kept, *new["rows"]], key=lambda r: (r["level"], order.get(r["target"], 99)))
+    commands = [c for c in old.get("commands", [old["command"]]) if c != new["command"]]
+    return {**new, "rows": rows, "commands": [*commands, new["command"]],
+            "duration_s": old["duration_s"] + new["duration_s"], "runs": [*old.get("runs", [old["load"]]), new["load"]]}
 
 
 def _load_average() -> list[float]:

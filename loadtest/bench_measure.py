@@ -93,6 +93,7 @@ class Run:
             "core1_busy": (self.engine_cpu_s + self.client_cpu_s) / wall,
             "rss_idle_mib": self.rss_idle_kib / 1024, "rss_peak_mib": self.rss_peak_kib / 1024,
             "ttft_p99_by_round": self.ttft_p99_by_round,
+            "error_samples": {r.kind: r.error[:200] for r in reversed(self.records) if not r.ok},
         }
 
 

@@ -79,8 +79,8 @@ def latency_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def capacity_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
-    head = ("| streams | target | events/s | TTFT p50 | TTFT p99 | limit (2x direct p99) | within | gateway CPU "
-            "| µs/event |")
+    head = ("| streams | target | events/s | TTFT p50 | TTFT p99 | limit (2x direct p99) | within | errors "
+            "| gateway CPU | µs/event |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         gateway = row["target"] != "direct"
@@ -88,6 +88,7 @@ def capacity_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
             str(row["level"]), row["target"], _f(row["event_throughput"], 0), _f(row["ttft_ms"]["p50"]),
             _f(row["ttft_ms"]["p99"]), _f(row["ttft_limit_ms"]) if gateway else "–",
             ("yes" if row["within_limit"] else "**no**") if gateway else "–",
+            ", ".join(f"{k} {v}" for k, v in row["errors"].items()) or "0",
             f"{row['target_cpu_share']:.0%}" if gateway else "–",
             _f(row["target_us_per_event"], 1) if gateway else "–",
         ]) + " |")
@@ -114,14 +115,16 @@ def idle_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _setup(data: dict[str, Any]) -> str:
     notes = "; ".join(data["notes"]) or "–"
+    loads = data.get("runs", [data["load"]])
     return (f"engine `specgate fake-engine {' '.join(data['engine_args'])}`; gateway on core {data['gateway_cpu']}, "
-            f"engine + load generator on core {data['client_cpu']}; load average at the end "
-            f"{data['load']}; versions: {notes}; took {data['duration_s']:.0f} s")
+            f"engine + load generator on core {data['client_cpu']}; load average (1/5/15 min) at the end of each "
+            f"run: {'; '.join('/'.join(f'{v:g}' for v in load) for load in loads)}; versions: {notes}; "
+            f"took {data['duration_s']:.0f} s")
 
 
 def markdown(phases: dict[str, dict[str, Any]], title: str, plots: Sequence[Path]) -> str:
     lines = [f"# {title}", "", "Commands (each run under `flock /tmp/specgate-heavy.lock`):", "", "```"]
-    lines += sorted({data["command"] for data in phases.values()})
+    lines += sorted({command for data in phases.values() for command in data.get("commands", [data["command"]])})
     lines += ["```", ""]
     skipped = sorted({note for data in phases.values() for note in data["skipped"]})
     lines += [f"- {note}" for note in skipped] + ([""] if skipped else [])

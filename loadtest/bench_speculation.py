@@ -120,9 +120,9 @@ def render_report(rows: list[dict[str, Any]], command: str) -> str:
         "# Speculative decoding on the CPU engine: cpu-demo (draft, k=3) vs cpu-baseline\n",
         f"Command: `{command.strip()}`\n",
         "Greedy completions of Python test-suite code through the gateway, 64 output tokens each.\n",
-        "| profile | concurrency | output tok/s | mean TPOT (ms) | median TPOT (ms) | mean ITL (ms) | "
-        "acceptance rate | mean acceptance length | per-position acceptance |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| profile | concurrency | output tok/s | mean TTFT (ms) | mean TPOT (ms) | median TPOT (ms) | "
+        "mean ITL (ms) | acceptance rate | mean acceptance length | per-position acceptance |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         positions = ", ".join(f"{float(row[k]):.2f}" for k in sorted(row) if str(k).startswith("accept_pos"))
@@ -130,6 +130,7 @@ def render_report(rows: list[dict[str, Any]], command: str) -> str:
         length = f"{float(row['mean_acceptance_length']):.2f}" if "mean_acceptance_length" in row else "-"
         lines.append(
             f"| {row['profile']} | {row['concurrency']} | {float(row['output_throughput']):.1f} | "
+            f"{float(row['mean_ttft_ms']):.1f} | "
             f"{float(row['mean_tpot_ms']):.2f} | {float(row['median_tpot_ms']):.2f} | "
             f"{float(row['mean_itl_ms']):.2f} | {rate} | {length} | {positions or '-'} |"
         )
