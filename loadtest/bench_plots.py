@@ -31,8 +31,9 @@ def plot_added_ttft(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             if points:
                 axis.plot([x for x, _ in points], [y for _, y in points], "o-", label=name)
         axis.axhline(2.0 if p == "p50" else 5.0, color="grey", linestyle=":", label="goal (≤ 100 streams)")
-        axis.set_xscale("symlog", linthresh=10)
+        axis.set_xscale("log")
         axis.set_yscale("symlog", linthresh=1)
+        axis.set_ylim(bottom=-5)  # small negative values are noise around direct
         axis.set_xlabel("concurrent streams")
         axis.set_ylabel("ms over direct")
         axis.set_title(f"added TTFT {p}")

@@ -31,6 +31,8 @@ FIXES = {
              "connection goes back to the pool instead of being dropped",
     "quiet": "httpx's logger at WARNING: no INFO line per upstream request",
     "asyncdep": "get_services as an async dependency: FastAPI runs a sync one in its thread pool on every request",
+    "leansse": "a plain ASGI streaming response instead of sse_starlette's EventSourceResponse (no anyio task group, "
+               "no cancel scope per event; no pings or send timeout, so a measurement aid, not the fix itself)",
 }
 
 
@@ -67,6 +69,11 @@ def apply_fixes(fixes: Sequence[str]) -> None:
             await close(self)
 
         upstream.OpenStream.aclose = drain_then_close  # type: ignore[method-assign]
+    if "leansse" in fixes:
+        from gateway import api
+        from loadtest.lean_sse import LeanEventStream
+
+        api.EventSourceResponse = LeanEventStream  # type: ignore[assignment,misc]
 
 
 def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTransport | None:

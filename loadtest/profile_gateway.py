@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--client-cpu", default="1")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results" / "profile")
     p.add_argument("--report", type=Path, default=Path(__file__).parent / "results" / "profile.md")
+    p.add_argument("--append", action="store_true", help="add a section to the report instead of replacing it")
     args = p.parse_args(argv)
     raise_open_file_limit()
     if args.client_cpu:
@@ -163,8 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{args.seconds:g} s after {args.warmup_s:g} s of load. Load over the whole run: "
              f"{load['events_per_s']:,.0f} events/s delivered, TTFT p99 {load['ttft_p99_ms']:.0f} ms, "
              f"{load['errors']:.0f} errors.")
-    report = f"# Profile of {args.target} under load\n\n" + markdown(summarise(raw.read_text()), command, setup)
+    report = f"## Profile of {args.target} under load\n\n" + markdown(summarise(raw.read_text()), command, setup)
     args.report.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and args.report.exists():
+        report = args.report.read_text().rstrip() + "\n\n" + report
+    else:
+        report = "# Gateway hot-path profiles\n\n" + report
     args.report.write_text(report)
     print(report)
     return 0
