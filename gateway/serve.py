@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import FrameType
 
 import uvicorn
@@ -27,6 +28,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: GatewaySettings) -> None:
+    # httpx logs every upstream request at INFO: a log line per request on the hot path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

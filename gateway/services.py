@@ -28,6 +28,7 @@ class Services:
     drainer: Drainer
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop on every request.
     services: Services = request.app.state.services
     return services

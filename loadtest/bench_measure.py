@@ -23,18 +23,31 @@ from loadtest.workloads import RandomPrompts
 
 ENGINE_EVENTS = "fake_engine:sse_events_total"
 ENGINE_TOKENS = "vllm:generation_tokens_total"
+ENGINE_RUNNING = "vllm:num_requests_running"
 
 
 def engine_counters(engine_url: str) -> dict[str, float]:
     """The fake engine's cumulative SSE events (with choices) and generated tokens."""
     with urllib.request.urlopen(engine_url + "/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    found = {ENGINE_EVENTS: 0.0, ENGINE_TOKENS: 0.0}
+    found = {ENGINE_EVENTS: 0.0, ENGINE_TOKENS: 0.0, ENGINE_RUNNING: 0.0}
     for line in text.splitlines():
         name = line.split("{", 1)[0]
         if name in found:
             found[name] = float(line.rsplit(" ", 1)[1])
-    return {"events": found[ENGINE_EVENTS], "tokens": found[ENGINE_TOKENS]}
+    return {"events": found[ENGINE_EVENTS], "tokens": found[ENGINE_TOKENS], "running": found[ENGINE_RUNNING]}
+
+
+async def engine_idle(engine_url: str, timeout_s: float = 60.0) -> float:
+    """Wait until the engine runs no request (a gateway may go on streaming requests whose client left);
+    returns how many were still running at the end (0 when idle)."""
+    running = engine_counters(engine_url)["running"]
+    for _ in range(int(timeout_s / 0.25)):  # polling another process: there is nothing to await instead
+        if not running:
+            break
+        await asyncio.sleep(0.25)
+        running = engine_counters(engine_url)["running"]
+    return running
 
 
 def self_cpu_seconds() -> float:
@@ -116,6 +129,9 @@ def load_config(url: str, concurrency: int, *, output_len: int, num_requests: in
 
 async def measure(target: Target, engine: Target, config: LoadConfig) -> Run:
     """Run `config` against `target` with the engine's counters, CPU times and the target's RSS around it."""
+    leftover = await engine_idle(engine.url)
+    if leftover:
+        say(f"engine still runs {leftover:.0f} requests of an earlier run; its counters will include them")
     counters = engine_counters(engine.url)
     target_cpu = tree_cpu_seconds(target.pid) if target.pid else 0.0
     engine_cpu = tree_cpu_seconds(engine.pid) if engine.pid else 0.0

@@ -144,6 +144,7 @@ class SlowWorker:
         self.started = threading.Event()
         self.disconnected = threading.Event()
         self.completed = threading.Event()
+        self.clients: list[tuple[str, int]] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -166,6 +167,7 @@ class SlowWorker:
             return
         while (await receive()).get("more_body"):
             pass
+        self.clients.append(tuple(scope["client"]))
         self.started.set()
         watcher = asyncio.ensure_future(_until_disconnect(receive))
         try:

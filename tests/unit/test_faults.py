@@ -212,3 +212,13 @@ async def test_discovery_adds_and_removes_workers_and_forgets_their_gauges() -> 
     assert pool.workers[0] is kept, "a worker that stays keeps its state"
     assert removed == ["http://b:1"]
     assert metrics.registry.get_sample_value("specgate_worker_healthy", {"worker": "http://b:1"}) is None
+
+
+def test_finished_streams_hand_their_connection_back_to_the_pool() -> None:
+    worker = SlowWorker(vllm_stream([1, 1, 1]), gap_s=0)
+    with gateway_over(worker) as (url, _):
+        for _ in range(3):
+            reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+            assert _events(reply.text)[-1] == "data: [DONE]"
+    assert len(worker.clients) == 3
+    assert len(set(worker.clients)) == 1, f"one kept-alive connection expected, saw {set(worker.clients)}"
