@@ -20,10 +20,12 @@ logger = logging.getLogger("specgate.pool")
 @dataclass(frozen=True)
 class PoolTiming:
     health_interval_s: float = 2.0
-    health_timeout_s: float = 2.0
+    health_timeout_s: float = 5.0
     scrape_interval_s: float = 0.25
     discovery_interval_s: float = 10.0
     eject_after_failures: int = 3
+    # A busy worker can miss a health deadline; only a refused connection means it is gone at once.
+    unhealthy_after_failures: int = 2
     eject_base_s: float = 1.0
     eject_max_s: float = 30.0
 
@@ -42,6 +44,7 @@ class Worker:
     model_cards: dict[str, dict[str, Any]] = field(default_factory=dict)
     in_flight: int = 0
     consecutive_failures: int = 0
+    health_failures: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
     load: WorkerLoad = field(default_factory=WorkerLoad)
@@ -119,19 +122,30 @@ class WorkerPool:
         try:
             # A draining worker answers 503 here and so gets no new requests.
             health = await self._client.get(worker.url + "/health", timeout=timeout)
-            worker.healthy = health.status_code == 200
-            if worker.healthy:
+            if health.status_code == 200:
                 listing = await self._client.get(worker.url + "/v1/models", timeout=timeout)
                 listing.raise_for_status()
                 worker.model_cards = {card["id"]: card for card in listing.json().get("data", [])}
                 for model in worker.model_cards:
                     self._metrics.prepare(model, worker.url)
+                worker.healthy, worker.health_failures = True, 0
+            else:
+                self._health_failed(worker, gone=health.status_code == 503)
+        except httpx.ConnectError as exc:
+            self._health_failed(worker, gone=True)
+            logger.debug("health check of %s: %s", worker.url, exc)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            worker.healthy = False
+            self._health_failed(worker, gone=False)
             logger.debug("health check of %s failed: %s", worker.url, exc)
         if worker.healthy != was_healthy:
             logger.info("worker %s is %s", worker.url, "healthy" if worker.healthy else "unhealthy")
         self._publish(worker)
+
+    def _health_failed(self, worker: Worker, gone: bool) -> None:
+        """Refused or draining: out at once. Slow or erroring: out after a few checks in a row."""
+        worker.health_failures += 1
+        if gone or worker.health_failures >= self.timing.unhealthy_after_failures:
+            worker.healthy = False
 
     async def _scrape(self, worker: Worker) -> None:
         try:

@@ -64,7 +64,7 @@ class GatewaySettings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long open streams may still run")
 
     health_interval_s: float = Field(2.0, gt=0)
-    health_timeout_s: float = Field(2.0, gt=0)
+    health_timeout_s: float = Field(5.0, gt=0)
     scrape_interval_s: float = Field(0.25, gt=0, description="How often worker /metrics are read for load")
     discovery_interval_s: float = Field(10.0, gt=0, description="How often dns+http:// worker names are resolved")
     eject_after_failures: int = Field(3, ge=1)

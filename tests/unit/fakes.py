@@ -84,10 +84,13 @@ class ScriptedWorker:
     healthy: bool = True
     on_post: Callable[[httpx.Request], httpx.Response] | None = None
     seen: list[httpx.Request] = field(default_factory=list)
+    health_error: Exception | None = None
     metrics_text: str = "vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n"
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/health":
+            if self.health_error is not None:
+                raise self.health_error
             return httpx.Response(200 if self.healthy else 503)
         if request.url.path == "/metrics":
             return httpx.Response(200, text=self.metrics_text)

@@ -222,3 +222,27 @@ def test_finished_streams_hand_their_connection_back_to_the_pool() -> None:
             assert _events(reply.text)[-1] == "data: [DONE]"
     assert len(worker.clients) == 3
     assert len(set(worker.clients)) == 1, f"one kept-alive connection expected, saw {set(worker.clients)}"
+
+
+@pytest.mark.anyio
+async def test_one_slow_health_check_does_not_take_a_busy_worker_out() -> None:
+    worker = ScriptedWorker(url="http://busy:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
+        pool = app.state.services.pool
+        worker.health_error = httpx.ReadTimeout("busy")
+        await pool.refresh()
+        assert (await client.get("/ready")).status_code == 200, "one missed deadline is not a dead worker"
+        await pool.refresh()
+        assert (await client.get("/ready")).status_code == 503, "two in a row are"
+        worker.health_error = None
+        await pool.refresh()
+        assert (await client.get("/ready")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_refused_health_check_takes_the_worker_out_at_once() -> None:
+    worker = ScriptedWorker(url="http://gone:1")
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
+        worker.health_error = httpx.ConnectError("refused")
+        await app.state.services.pool.refresh()
+        assert (await client.get("/ready")).status_code == 503
