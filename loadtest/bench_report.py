@@ -159,7 +159,11 @@ def write_report(out_dir: Path, report: Path, *, title: str, plots: bool = True)
             pngs.append(plot_added_ttft(phases["latency"]["rows"], report.with_name(report.stem + "-added-ttft.png")))
         if "capacity" in phases:
             pngs.append(plot_capacity(phases["capacity"]["rows"], report.with_name(report.stem + "-capacity.png")))
-    report.write_text(markdown(phases, title, pngs))
+    # A hand-written "## Analysis" section at the end of an earlier report survives the rebuild.
+    kept = ""
+    if report.exists() and (at := report.read_text().find("\n## Analysis")) >= 0:
+        kept = report.read_text()[at:]
+    report.write_text(markdown(phases, title, pngs).rstrip("\n") + "\n" + kept)
     combined = report.with_suffix(".json")
     combined.write_bytes(orjson.dumps(phases, option=orjson.OPT_INDENT_2))
     return [report, combined, *pngs]

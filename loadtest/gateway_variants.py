@@ -30,6 +30,8 @@ FIXES = {
     "reuse": "read the upstream body to its end (the chunked terminator after [DONE]) before closing it, so the "
              "connection goes back to the pool instead of being dropped",
     "quiet": "httpx's logger at WARNING: no INFO line per upstream request",
+    "noreuse": "the opposite of reuse, for an A/B: close the upstream response at [DONE] without reading its end "
+               "(gateway.relay._read_to_end made a no-op), so every request opens a new connection",
     "asyncdep": "get_services as an async dependency: FastAPI runs a sync one in its thread pool on every request",
     "leansse": "a plain ASGI streaming response instead of sse_starlette's EventSourceResponse (no anyio task group, "
                "no cancel scope per event; no pings or send timeout, so a measurement aid, not the fix itself)",
@@ -52,7 +54,7 @@ def apply_fixes(fixes: Sequence[str]) -> None:
             found: services.Services = request.app.state.services
             return found
 
-        services.get_services = get_services  # type: ignore[assignment]
+        services.get_services = get_services
     if "quiet" in fixes:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     if "reuse" in fixes:
@@ -69,11 +71,18 @@ def apply_fixes(fixes: Sequence[str]) -> None:
             await close(self)
 
         upstream.OpenStream.aclose = drain_then_close  # type: ignore[method-assign]
+    if "noreuse" in fixes:
+        from gateway import relay
+
+        async def leave_unread(stream: object) -> None:
+            return None
+
+        setattr(relay, "_read_to_end", leave_unread)  # noqa: B010 (relay_events looks it up at call time)
     if "leansse" in fixes:
         from gateway import api
         from loadtest.lean_sse import LeanEventStream
 
-        api.EventSourceResponse = LeanEventStream  # type: ignore[assignment,misc]
+        setattr(api, "EventSourceResponse", LeanEventStream)  # noqa: B010 (gateway.api imports it by name)
 
 
 def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTransport | None:

@@ -85,7 +85,7 @@ def _short(path: str) -> str:
     return path.split("/main/", 1)[-1]
 
 
-def markdown(counts: dict[str, Counter[str]], command: str, setup: str, top: int = 25) -> str:
+def markdown(counts: dict[str, Counter[str]], command: str, setup: str, top: int = 20) -> str:
     total = counts["self_category"].pop("total", 0) or 1
     lines = ["```", command, "```", "", setup, "", f"{total} samples of the gateway's busy time.", "",
              "| component | self % (CPU spent in its own frames) | inclusive % (on the stack) |", "|---|---|---|"]
@@ -97,9 +97,6 @@ def markdown(counts: dict[str, Counter[str]], command: str, setup: str, top: int
     for name, count in counts["self_function"].most_common(top):
         inclusive = 100 * counts["inclusive_function"][name] / total
         lines.append(f"| `{name}` | {100 * count / total:.1f} | {inclusive:.1f} |")
-    lines += ["", f"Top {top} functions by inclusive time:", "", "| function | inclusive % |", "|---|---|"]
-    for name, count in counts["inclusive_function"].most_common(top):
-        lines.append(f"| `{name}` | {100 * count / total:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -78,13 +78,15 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             process.wait(timeout=120)
 
 
-def _stream_outcome(gateway: str, results: list[str]) -> None:
-    """'done', 'error' or 'other:<why>' for one long stream."""
+def _stream_outcome(gateway: str, results: list[str], started: threading.Semaphore) -> None:
+    """'done', 'error' or 'other:<why>' for one long stream; releases `started` at its first event."""
     try:
         with httpx.stream("POST", gateway + "/v1/completions", json=LONG, timeout=120) as response:
             last = ""
             for line in response.iter_lines():
                 if line.startswith("data:"):
+                    if not last:
+                        started.release()
                     last = line
         if last == "data: [DONE]":
             results.append("done")
@@ -99,13 +101,17 @@ def _stream_outcome(gateway: str, results: list[str]) -> None:
 def test_killing_a_worker_under_load_loses_no_unstarted_request(cluster: Cluster) -> None:
     killed_url = cluster.worker_url(0)
     results: list[str] = []
-    streams = [threading.Thread(target=_stream_outcome, args=(cluster.gateway, results)) for _ in range(6)]
+    first_events = threading.Semaphore(0)
+    streams = [
+        threading.Thread(target=_stream_outcome, args=(cluster.gateway, results, first_events)) for _ in range(6)
+    ]
     for thread in streams:
         thread.start()
     started = time.monotonic()
-    assert wait_until(
-        lambda: all(w["in_flight"] >= 1 for w in cluster.view().values()), timeout_s=60, interval_s=0.05
-    ), f"the streams were not spread over both workers: {cluster.view()}"
+    # Kill only once every stream has had bytes: before that the gateway rightly retries elsewhere.
+    for _ in streams:
+        assert first_events.acquire(timeout=60), "a stream never started"
+    assert all(w["in_flight"] >= 1 for w in cluster.view().values()), f"not spread: {cluster.view()}"
     in_flight_at_kill = {url: w["in_flight"] for url, w in cluster.view().items()}
     (victim,) = worker_processes(cluster.worker_ports[0])
     victim.send_signal(signal.SIGKILL)
@@ -149,9 +155,13 @@ def test_client_disconnects_under_load_free_every_worker(cluster: Cluster) -> No
             response.close()
         for client in clients:
             client.close()
+    assert wait_until(lambda: all(w["in_flight"] == 0 for w in cluster.view().values()), timeout_s=2.0)
+    # The 2 s bound for one stream is tested in test_gateway_openai; here every worker must get back to 0.
     for index in range(2):
         url = cluster.worker_url(index)
-        assert wait_until(lambda url=url: worker_metric(url, "vllm:num_requests_running") == 0, timeout_s=2.0)
+        assert wait_until(lambda url=url: worker_metric(url, "vllm:num_requests_running") == 0, timeout_s=10.0), (
+            f"{url} still runs {worker_metric(url, 'vllm:num_requests_running')} requests"
+        )
 
 
 def test_stopping_specgate_up_leaves_no_worker_behind(cluster: Cluster) -> None:
