@@ -40,6 +40,7 @@ class GatewaySettings(BaseSettings):
     stream_idle_timeout_s: float = Field(300.0, gt=0)
     request_timeout_s: float = Field(900.0, gt=0, description="Whole non-streaming upstream call")
     max_upstream_connections: int = Field(2048, ge=1)
+    upstream_keepalive_connections: int = Field(20, ge=0, description="Idle connections kept for reuse")
 
     # Admission: how many requests run at once, and how many may wait and for how long.
     max_concurrency: int = Field(4096, ge=1)

@@ -18,9 +18,11 @@ MAX_ERROR_BODY = 64 * 1024
 
 def build_client(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """One pooled client for all workers; tests hand in a MockTransport."""
+    # Few idle connections: httpcore's pool rescans every pooled connection on each request start and
+    # close, so a large idle pool costs more than the connects it saves (loadtest/results/profile.md).
     limits = httpx.Limits(
         max_connections=settings.max_upstream_connections,
-        max_keepalive_connections=settings.max_upstream_connections,
+        max_keepalive_connections=min(settings.upstream_keepalive_connections, settings.max_upstream_connections),
         keepalive_expiry=30.0,
     )
     # The read timeout acts per read, so on a stream it is an idle timeout, not a cap on its length.
