@@ -134,6 +134,7 @@ def render(
     models_dir: Path,
     python: str = sys.executable,
     cpu_bind: str | None = None,
+    cpu_threads: int | None = None,
 ) -> WorkerCommand:
     """The one place a profile becomes vLLM's command line and environment."""
     argv = [python, "-m", "vllm.entrypoints.openai.api_server"]
@@ -174,6 +175,8 @@ def render(
         bind = cpu_bind if cpu_bind is not None else profile.cpu_threads_bind
         if bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        if cpu_threads is not None:
+            env["OMP_NUM_THREADS"] = str(cpu_threads)
     env.update(profile.env)
     return WorkerCommand(argv, env)
 

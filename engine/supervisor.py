@@ -1,4 +1,4 @@
-"""Supervise stage: run N workers (each on its own port and core) and restart any that crash."""
+"""Supervise stage: run N workers (each on its own port, and core when there are enough) and restart any that crash."""
 
 from __future__ import annotations
 
@@ -14,16 +14,37 @@ RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 START_TIMEOUT_S = 600.0
 
 
+NO_BINDING = "nobind"
+
+
+def _oversubscribed(profile: EngineProfile, workers: int) -> bool:
+    return workers * profile.tensor_parallel_size >= (os.cpu_count() or 1)
+
+
 def cpu_binding(index: int, profile: EngineProfile, workers: int) -> str | None:
-    """On CPU, give each worker its own cores; tensor-parallel ranks split that worker's share."""
+    """On CPU, give each worker its own cores while one core is left for everything else.
+
+    Workers pinned to every core leave their API servers, engine cores and the gateway to queue behind the
+    pinned threads: on 2 cores with 2 pinned workers, a 1-token request to an idle worker beside a busy one
+    took up to 20 s; unpinned, at most 1.1 s (DESIGN.md, "vLLM on these machines").
+    """
     if profile.device != "cpu":
         return None
     cores = os.cpu_count() or 1
     if profile.cpu_threads_bind is not None and workers == 1:
         return profile.cpu_threads_bind
+    if _oversubscribed(profile, workers):
+        return NO_BINDING
     ranks = profile.tensor_parallel_size
     slot = (index * ranks) % cores
     return "|".join(str((slot + rank) % cores) for rank in range(ranks))
+
+
+def cpu_threads(profile: EngineProfile, workers: int) -> int | None:
+    """Compute threads per unpinned worker: its share of the cores, so OpenMP does not oversubscribe them."""
+    if profile.device != "cpu" or not _oversubscribed(profile, workers):
+        return None
+    return max(1, (os.cpu_count() or 1) // (workers * profile.tensor_parallel_size))
 
 
 class Supervisor:
@@ -44,7 +65,7 @@ class Supervisor:
             WorkerProcess(
                 render(
                     profile, host="127.0.0.1", port=base_port + index, models_dir=models_dir,
-                    cpu_bind=cpu_binding(index, profile, workers),
+                    cpu_bind=cpu_binding(index, profile, workers), cpu_threads=cpu_threads(profile, workers),
                 ),
                 base_port + index,
                 log_dir / f"worker-{index}.log",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -40,7 +40,12 @@ class GatewaySettings(BaseSettings):
     stream_idle_timeout_s: float = Field(300.0, gt=0)
     request_timeout_s: float = Field(900.0, gt=0, description="Whole non-streaming upstream call")
     max_upstream_connections: int = Field(2048, ge=1)
-    upstream_keepalive_connections: int = Field(20, ge=0, description="Idle connections kept for reuse")
+    upstream_transport: Literal["aiohttp", "httpcore"] = Field(
+        "aiohttp", description="Connection pool to workers: aiohttp's, or httpx's own (httpcore)"
+    )
+    upstream_keepalive_connections: int = Field(
+        20, ge=0, description="Idle connections kept for reuse (httpcore only; aiohttp keeps every idle one)"
+    )
 
     # Admission: how many requests run at once, and how many may wait and for how long.
     max_concurrency: int = Field(4096, ge=1)

@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 import anyio
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from gateway.errors import GatewayError, NoWorkerAvailable, UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from gateway.settings import GatewaySettings
@@ -16,15 +18,32 @@ from gateway.sse import Event, EventSplitter
 MAX_ERROR_BODY = 64 * 1024
 
 
+# vLLM's uvicorn drops a connection idle for 5 s; reusing one at that moment fails a POST that aiohttp
+# will not resend, so the gateway lets idle connections go first.
+KEEPALIVE_EXPIRY_S = 4.0
+
+
+def build_transport(settings: GatewaySettings) -> httpx.AsyncBaseTransport:
+    """The connection pool to workers: aiohttp's by default, behind httpx's API.
+
+    httpcore's pool rescans every pooled connection on each request start and close, so with hundreds of
+    open streams it spends half the gateway's CPU there (loadtest/results/upstream-client.md); aiohttp's
+    pool is a per-host queue. `upstream_transport: httpcore` keeps httpx's own pool.
+    """
+    if settings.upstream_transport == "httpcore":
+        # Few idle connections: that rescan makes a large idle pool cost more than the connects it saves.
+        limits = httpx.Limits(
+            max_connections=settings.max_upstream_connections,
+            max_keepalive_connections=min(settings.upstream_keepalive_connections, settings.max_upstream_connections),
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        )
+        return httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    limits = httpx.Limits(max_connections=settings.max_upstream_connections, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+    return AiohttpTransport(limits=limits, trust_env=False)
+
+
 def build_client(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """One pooled client for all workers; tests hand in a MockTransport."""
-    # Few idle connections: httpcore's pool rescans every pooled connection on each request start and
-    # close, so a large idle pool costs more than the connects it saves (loadtest/results/profile.md).
-    limits = httpx.Limits(
-        max_connections=settings.max_upstream_connections,
-        max_keepalive_connections=min(settings.upstream_keepalive_connections, settings.max_upstream_connections),
-        keepalive_expiry=30.0,
-    )
     # The read timeout acts per read, so on a stream it is an idle timeout, not a cap on its length.
     timeout = httpx.Timeout(
         connect=settings.connect_timeout_s,
@@ -32,7 +51,9 @@ def build_client(settings: GatewaySettings, transport: httpx.AsyncBaseTransport 
         write=settings.connect_timeout_s,
         pool=settings.connect_timeout_s,
     )
-    return httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport, trust_env=False)
+    return httpx.AsyncClient(
+        timeout=timeout, transport=transport or build_transport(settings), trust_env=False
+    )
 
 
 @dataclass(eq=False)
@@ -167,6 +188,9 @@ async def _status_error(response: httpx.Response) -> GatewayError:
 
 
 def map_transport_error(exc: httpx.HTTPError) -> GatewayError:
+    # httpx_aiohttp reports every aiohttp connection error, a worker hanging up included, as ConnectTimeout.
+    if isinstance(exc.__cause__, aiohttp.ServerDisconnectedError):
+        return UpstreamFailed("worker closed the connection")
     if isinstance(exc, httpx.TimeoutException):
         if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
             return UpstreamFailed(f"could not connect to worker in time: {type(exc).__name__}")

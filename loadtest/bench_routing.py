@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.config import find_profile
 from engine.launch import WorkerProcess
+from engine.supervisor import cpu_binding, cpu_threads
 from loadtest.harness import RESULTS, gateway, scrape, worker_process
 from loadtest.runner import LoadConfig, run_scenario
 from loadtest.workloads import SharedPrefixChat
@@ -121,9 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="specgate-routing-"))
     rows: list[dict[str, Any]] = []
+    profile, count = find_profile("cpu-baseline"), args.workers
     with contextlib.ExitStack() as stack:
         workers = [
-            stack.enter_context(worker_process("cpu-baseline", 8380 + i, str(i % 2), workdir))
+            stack.enter_context(worker_process("cpu-baseline", 8380 + i, cpu_binding(i, profile, count), workdir,
+                                               cpu_threads(profile, count)))
             for i in range(args.workers)
         ]
         for seed, policy in enumerate(() if args.only_kill else POLICIES, start=1):

@@ -27,20 +27,25 @@ def pinned(core: int | None, argv: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def worker(profile_name: str, port: int, core: str | None, log_dir: Path) -> Iterator[str]:
-    """One vLLM worker for the profile; `core` is its OpenMP binding ("0", "0|1", ...)."""
-    with worker_process(profile_name, port, core, log_dir) as process:
+def worker(
+    profile_name: str, port: int, core: str | None, log_dir: Path, threads: int | None = None
+) -> Iterator[str]:
+    """One vLLM worker for the profile; `core` is its OpenMP binding ("0", "0|1", "nobind", ...)."""
+    with worker_process(profile_name, port, core, log_dir, threads) as process:
         yield process.url
 
 
 @contextlib.contextmanager
-def worker_process(profile_name: str, port: int, core: str | None, log_dir: Path) -> Iterator[WorkerProcess]:
+def worker_process(
+    profile_name: str, port: int, core: str | None, log_dir: Path, threads: int | None = None
+) -> Iterator[WorkerProcess]:
     """As `worker`, yielding the process handle (for benchmarks that kill it)."""
     profile = find_profile(profile_name)
     models_dir = default_models_dir()
     if "{models_dir}" in profile.model:
         build_demo_models(models_dir)
-    command = render(profile, host="127.0.0.1", port=port, models_dir=models_dir, cpu_bind=core)
+    command = render(profile, host="127.0.0.1", port=port, models_dir=models_dir, cpu_bind=core,
+                     cpu_threads=threads)
     process = WorkerProcess(command, port, log_dir / f"{profile_name}-{port}.log", name=f"{profile_name}:{port}")
     process.start()
     try:

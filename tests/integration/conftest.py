@@ -40,11 +40,13 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def running_worker(
-    profile_name: str, models_dir: Path, log_dir: Path, cpu_bind: str | None = None, name: str | None = None
+    profile_name: str, models_dir: Path, log_dir: Path, cpu_bind: str | None = None, name: str | None = None,
+    cpu_threads: int | None = None,
 ) -> Iterator[WorkerProcess]:
     profile = find_profile(profile_name)
     port = free_port()
-    command = render(profile, host="127.0.0.1", port=port, models_dir=models_dir, cpu_bind=cpu_bind)
+    command = render(profile, host="127.0.0.1", port=port, models_dir=models_dir, cpu_bind=cpu_bind,
+                     cpu_threads=cpu_threads)
     name = name or profile_name
     worker = WorkerProcess(command, port, log_dir / f"{name}.log", name=name)
     worker.start()

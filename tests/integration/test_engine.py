@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from engine.launch import WorkerProcess
+from engine.supervisor import NO_BINDING
 from tests.integration.conftest import running_gateway, running_worker, worker_metric
 from tests.support import free_port
 
@@ -31,7 +32,8 @@ def _greedy(url: str, prompt: str, tokens: int = 48) -> str:
 
 @pytest.fixture(scope="module")
 def baseline_worker(models_dir: Path, log_dir: Path) -> Iterator[WorkerProcess]:
-    with running_worker("cpu-baseline", models_dir, log_dir, cpu_bind="1") as worker:
+    # Beside the session's speculative worker: two workers on two cores, so unpinned (engine.supervisor).
+    with running_worker("cpu-baseline", models_dir, log_dir, cpu_bind=NO_BINDING, cpu_threads=1) as worker:
         yield worker
 
 

@@ -140,18 +140,24 @@ def test_killing_a_worker_under_load_loses_no_unstarted_request(cluster: Cluster
 def test_client_disconnects_under_load_free_every_worker(cluster: Cluster) -> None:
     assert wait_until(cluster.all_available, timeout_s=600, interval_s=1)
     clients = [httpx.Client(timeout=60) for _ in range(8)]
-    opened = []
+    opened: list[httpx.Response] = []
+    kept_alive = []  # a discarded iter_lines() generator would close its connection early
     try:
         for client in clients:
             response = client.send(client.build_request("POST", cluster.gateway + "/v1/completions", json=LONG),
                                    stream=True)
+            opened.append(response)
             lines = response.iter_lines()
-            next(line for line in lines if line.startswith("data:"))
-            opened.append((response, lines))
+            seen = [line for line in _until_first_data(lines)]
+            assert seen and seen[-1].startswith("data:"), (
+                f"stream {len(opened)}: HTTP {response.status_code} {seen[-5:]}; gateway log: "
+                + "".join(cluster.output)[-3000:]
+            )
+            kept_alive.append(lines)
         running = [worker_metric(cluster.worker_url(i), "vllm:num_requests_running") for i in range(2)]
         assert all(count >= 1 for count in running) and sum(running) >= 6, running
     finally:
-        for response, _ in opened:
+        for response in opened:
             response.close()
         for client in clients:
             client.close()
@@ -162,6 +168,13 @@ def test_client_disconnects_under_load_free_every_worker(cluster: Cluster) -> No
         assert wait_until(lambda url=url: worker_metric(url, "vllm:num_requests_running") == 0, timeout_s=10.0), (
             f"{url} still runs {worker_metric(url, 'vllm:num_requests_running')} requests"
         )
+
+
+def _until_first_data(lines: Iterator[str]) -> Iterator[str]:
+    for line in lines:
+        yield line
+        if line.startswith("data:"):
+            return
 
 
 def test_stopping_specgate_up_leaves_no_worker_behind(cluster: Cluster) -> None:

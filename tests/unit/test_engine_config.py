@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from engine.config import ProfileError, find_profile, load_profile, profiles_dir, render
-from engine.supervisor import cpu_binding
+from engine.supervisor import NO_BINDING, cpu_binding, cpu_threads
 
 MODELS = Path("/models")
 SHIPPED = sorted(path.stem for path in profiles_dir().glob("*.yaml"))
@@ -150,8 +151,22 @@ def test_extra_args_and_env_pass_through(tmp_path: Path) -> None:
     assert command.env == {"NCCL_DEBUG": "INFO"}
 
 
-def test_cpu_workers_get_their_own_cores() -> None:
-    demo = find_profile("cpu-demo")
-    assert [cpu_binding(i, demo, 2) for i in range(2)] in (["0", "1"], ["0", "0"])
-    assert cpu_binding(0, find_profile("cpu-tp2"), 1) == "0|1"
+def test_cpu_workers_get_their_own_cores_while_one_is_left_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, tp2 = find_profile("cpu-demo"), find_profile("cpu-tp2")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [cpu_binding(i, demo, 3) for i in range(3)] == ["0", "1", "2"]
+    assert [cpu_binding(i, tp2, 2) for i in range(2)] == ["0|1", "2|3"]
+    assert cpu_threads(demo, 3) is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cpu_binding(0, demo, 1) == "0"
+    assert [cpu_binding(i, demo, 2) for i in range(2)] == [NO_BINDING, NO_BINDING]
+    assert cpu_threads(demo, 2) == 1
+    assert cpu_binding(0, tp2, 1) == "0|1"
     assert cpu_binding(0, find_profile("gpu-llama3.1-8b-spec"), 1) is None
+
+
+def test_unpinned_workers_get_their_share_of_threads() -> None:
+    command = render(find_profile("cpu-baseline"), host="h", port=1, models_dir=MODELS, cpu_bind=NO_BINDING,
+                     cpu_threads=1)
+    assert command.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert command.env["OMP_NUM_THREADS"] == "1"

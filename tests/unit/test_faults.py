@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -246,3 +248,46 @@ async def test_a_refused_health_check_takes_the_worker_out_at_once() -> None:
         worker.health_error = httpx.ConnectError("refused")
         await app.state.services.pool.refresh()
         assert (await client.get("/ready")).status_code == 503
+
+
+@contextlib.contextmanager
+def hanging_up_worker() -> Iterator[str]:
+    """A raw-socket worker that answers GETs like vLLM but closes the connection on every POST, before any
+    response byte: what a worker that crashes mid-request looks like from the gateway."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                request = conn.recv(65536)
+                if request.startswith(b"GET"):
+                    body = b'{"object": "list", "data": [{"id": "%s"}]}' % MODEL.encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
+def test_a_worker_hanging_up_is_reported_as_such_with_either_connection_pool(transport: str) -> None:
+    with hanging_up_worker() as worker_url:
+        app = create_app(settings_for(worker_url, upstream_transport=transport, max_attempts=2))
+        with serve_in_thread(app) as url:
+            reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+    assert reply.status_code == 502, reply.text
+    message = reply.json()["error"]["message"]
+    assert "could not connect" not in message, message
+    assert "closed" in message.lower() or "disconnect" in message.lower(), message
