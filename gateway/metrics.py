@@ -10,6 +10,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.histograms import BatchHistogram
 from gateway.loadsignals import WorkerLoad
 
 LATENCY_BUCKETS = (
@@ -99,7 +100,10 @@ class RequestRecord:
         return None if span <= 0 else (self.output_tokens - 1) / span
 
     def log_fields(self) -> dict[str, object]:
-        tbt = self.token_gaps()
+        counted = [(gap, tokens) for gap, tokens in self.chunk_gaps if tokens > 0]
+        gap_tokens = sum(tokens for _, tokens in counted)
+        # The mean of the per-token gaps (each chunk's gap split over its tokens) is total gap / tokens.
+        tbt_mean = sum(gap for gap, _ in counted) / gap_tokens if gap_tokens else None
         return {
             "request_id": self.request_id,
             "model": self.model,
@@ -113,7 +117,7 @@ class RequestRecord:
             "queue_s": _round(self.queue_seconds),
             "ttft_s": _round(self.ttft_seconds),
             "upstream_ttft_s": _round(self.upstream_ttft_seconds),
-            "tbt_mean_s": _round(sum(tbt) / len(tbt)) if tbt else None,
+            "tbt_mean_s": _round(tbt_mean),
             "e2e_s": _round(self.e2e_seconds),
             "disconnected": self.disconnected,
         }
@@ -135,17 +139,17 @@ class Metrics:
             "Request received to first content-bearing event sent to the client.",
             model_worker, buckets=LATENCY_BUCKETS, registry=reg,
         )
-        self.time_between_tokens = Histogram(
+        self.time_between_tokens = BatchHistogram(
             "specgate_time_between_tokens_seconds",
             "Per output token: gap between content events divided by the tokens in the later event.",
             model_worker, buckets=TOKEN_GAP_BUCKETS, registry=reg,
         )
-        self.inter_chunk = Histogram(
+        self.inter_chunk = BatchHistogram(
             "specgate_inter_chunk_seconds",
             "Gap between content events as the client sees them.",
             model_worker, buckets=TOKEN_GAP_BUCKETS, registry=reg,
         )
-        self.tokens_per_chunk = Histogram(
+        self.tokens_per_chunk = BatchHistogram(
             "specgate_tokens_per_chunk",
             "Output tokens carried by one content event (above 1 with speculative decoding).",
             model_worker, buckets=TOKENS_PER_CHUNK_BUCKETS, registry=reg,
@@ -282,9 +286,7 @@ class Metrics:
             per_chunk.observe(gap)
             if tokens > 0:
                 chunk_sizes.observe(tokens)
-                token_gap = gap / tokens
-                for _ in range(tokens):
-                    per_token.observe(token_gap)
+                per_token.observe(gap / tokens, tokens)
 
     def log(self, record: RequestRecord) -> None:
         if request_logger.isEnabledFor(logging.INFO):

@@ -4,8 +4,8 @@
 
 Variants (everything else is the gateway as shipped, served like gateway/serve.py does):
 - httpx-default: httpx's default pool (100 connections, 20 kept alive for 5 s);
-- httpx-tuned: what build_client makes (max_upstream_connections = 2048, all kept alive 30 s);
-- httpx-aiohttp: httpx's API over aiohttp's connection pool (httpx_aiohttp.AiohttpTransport), same limits.
+- httpx-tuned: httpx's own pool as `upstream_transport: httpcore` builds it (2048 connections, 20 kept alive);
+- httpx-aiohttp: httpx's API over aiohttp's connection pool, what the gateway builds by default.
 
 A variant may add candidate fixes, monkeypatched here to measure them before they go into gateway/:
 `httpx-tuned+reuse+quiet` (see FIXES). Logging is set up as `specgate gateway` does (INFO root logger).
@@ -24,6 +24,7 @@ import httpx
 from starlette.requests import Request  # at module level: FastAPI resolves the dependency's annotations here
 
 from gateway.settings import GatewaySettings
+from gateway.upstream import build_transport
 
 VARIANTS = ("httpx-default", "httpx-tuned", "httpx-aiohttp")
 FIXES = {
@@ -86,17 +87,13 @@ def apply_fixes(fixes: Sequence[str]) -> None:
 
 
 def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTransport | None:
-    """The transport handed to create_app; None keeps build_client's own (the tuned httpx pool)."""
+    """The transport handed to create_app; None keeps build_client's own (aiohttp's pool)."""
     if variant == "httpx-tuned":
-        return None
+        return build_transport(settings.model_copy(update={"upstream_transport": "httpcore"}))
     if variant == "httpx-default":
         return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
     if variant == "httpx-aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        limits = httpx.Limits(max_connections=settings.max_upstream_connections,
-                              max_keepalive_connections=settings.max_upstream_connections, keepalive_expiry=30.0)
-        return AiohttpTransport(limits=limits, trust_env=False)
+        return None
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 

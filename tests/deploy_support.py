@@ -54,14 +54,15 @@ def gateway_metrics() -> dict[str, frozenset[str]]:
     from prometheus_client.metrics import MetricWrapperBase
     from prometheus_client.parser import text_string_to_metric_families
 
+    from gateway.histograms import BatchHistogram
     from gateway.metrics import Metrics
 
     metrics = Metrics()
-    for wrapper in vars(metrics).values():
-        if isinstance(wrapper, MetricWrapperBase):
-            names = wrapper._labelnames
+    for family in vars(metrics).values():
+        if isinstance(family, (MetricWrapperBase, BatchHistogram)):
+            names = family._labelnames if isinstance(family, MetricWrapperBase) else family.labelnames
             if names:
-                wrapper.labels(*("x" for _ in names))
+                family.labels(*("x" for _ in names))
     found: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         for sample in family.samples:

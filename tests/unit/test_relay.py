@@ -116,3 +116,30 @@ async def test_client_request_id_is_echoed_and_forwarded() -> None:
     assert worker.seen[0].headers["x-request-id"] == "abc-123"
     assert len(generated.headers["x-request-id"]) == 32
     assert models.headers["x-request-id"]
+
+
+async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counted() -> None:
+    from gateway.metrics import RequestRecord
+    from gateway.relay import UsageFilter, relay_events
+    from gateway.sse import Event, EventSplitter
+    from gateway.upstream import OpenStream
+
+    role, first, second, third, usage, done = vllm_stream([1, 2, 1])
+    reads = [second + third, usage + done]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for read in reads:
+            yield read
+
+    splitter = EventSplitter()
+    opened = OpenStream(httpx.Response(200), chunks(), splitter,
+                        [Event.parse(raw) for raw in splitter.feed(role + first)], sent_at=0.0, first_event_at=0.1)
+    record = RequestRecord(request_id="r", model=MODEL, endpoint="chat", stream=True, received_at=0.0)
+    ticks = iter(float(n) for n in range(1, 100))
+    finished: list[RequestRecord] = []
+    writes = [out async for out in relay_events(opened, record, UsageFilter(True, True), lambda: next(ticks),
+                                                finished.append)]
+    assert writes == [role + first, second + third, usage + done]
+    assert record.output_tokens == 4 and record.first_chunk_tokens == 1
+    assert [tokens for _, tokens in record.chunk_gaps] == [2, 1], "every event counted, not every write"
+    assert finished == [record] and record.status == "200"
