@@ -8,10 +8,10 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
 
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ClientDisconnected, GatewayError, ModelNotFound, RequestTooLarge, ShuttingDown
+from gateway.eventstream import RelayEventStream
 from gateway.metrics import RequestRecord
 from gateway.pool import Worker
 from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
@@ -152,7 +152,7 @@ async def _stream(
     events = relay_events(
         opened, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock, finish
     )
-    return EventSourceResponse(
+    return RelayEventStream(
         events,
         ping=services.settings.sse_ping_interval_s,
         sep="\n",

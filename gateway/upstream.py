@@ -127,7 +127,11 @@ class Upstream:
                 response = await _send(self._client, request, stream=True)
                 if response.status_code != 200:
                     raise await _status_error(response)
-                chunks = response.aiter_bytes()
+                # Workers are asked for identity encoding: the raw stream skips httpx's decoding layer, kept for a
+                # worker that compresses anyway and for a body already read (a test transport's).
+                identity = response.headers.get("content-encoding", "identity") == "identity"
+                raw = identity and not response.is_stream_consumed
+                chunks = response.aiter_raw() if raw else response.aiter_bytes()
                 splitter = EventSplitter()
                 events: list[Event] = []
                 while not events:

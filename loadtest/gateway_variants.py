@@ -83,7 +83,7 @@ def apply_fixes(fixes: Sequence[str]) -> None:
         from gateway import api
         from loadtest.lean_sse import LeanEventStream
 
-        setattr(api, "EventSourceResponse", LeanEventStream)  # noqa: B010 (gateway.api imports it by name)
+        setattr(api, "RelayEventStream", LeanEventStream)  # noqa: B010 (gateway.api imports it by name)
 
 
 def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTransport | None:

@@ -19,9 +19,11 @@ from gateway.loadsignals import parse_load
 from gateway.metrics import Metrics
 from gateway.pool import PoolTiming, Worker, WorkerPool
 from tests.unit.fakes import (
+    DONE,
     MODEL,
     ScriptedWorker,
     SlowWorker,
+    chat_chunk,
     gateway_client,
     mock_transport,
     serve_in_thread,
@@ -291,3 +293,20 @@ def test_a_worker_hanging_up_is_reported_as_such_with_either_connection_pool(tra
     message = reply.json()["error"]["message"]
     assert "could not connect" not in message, message
     assert "closed" in message.lower() or "disconnect" in message.lower(), message
+
+
+def test_a_reader_that_takes_no_bytes_is_cut_after_the_send_timeout_and_the_worker_released() -> None:
+    big_events = [chat_chunk("x" * 8000, index) for index in range(1, 3001)] + [DONE]  # ~24 MB: fills any buffer
+    worker = SlowWorker(big_events, gap_s=0)
+    with gateway_over(worker, sse_send_timeout_s=0.5) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps(STREAM).encode()
+        with socket.socket() as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", port))
+            reader.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                           b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            assert worker.started.wait(10), "the request never reached the worker"
+            # The reader never reads: the gateway must give up on it and close the worker request.
+            assert worker.disconnected.wait(20), "a stalled reader held the worker request open"
+            assert not worker.completed.is_set()
