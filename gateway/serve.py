@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import queue
 import socket
+from collections.abc import Iterator
+from logging.handlers import QueueHandler, QueueListener
 from types import FrameType
 
 import uvicorn
@@ -36,6 +40,26 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+@contextlib.contextmanager
+def logging_off_the_loop() -> Iterator[None]:
+    """Hand log records to a thread that writes them: a slow stderr (a file on a busy disk, a pipe that a
+    log collector drains late) must not stall every open stream for the length of one write."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    if not handlers:
+        yield
+        return
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = QueueListener(records, *handlers, respect_handler_level=True)
+    root.handlers = [QueueHandler(records)]
+    listener.start()
+    try:
+        yield
+    finally:
+        listener.stop()
+        root.handlers = handlers
+
+
 def serve(settings: GatewaySettings) -> None:
     # httpx logs every upstream request at INFO: a log line per request on the hot path.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -48,4 +72,5 @@ def serve(settings: GatewaySettings) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + UVICORN_MARGIN_S,
     )
-    DrainingServer(config, app.state.drainer).run()
+    with logging_off_the_loop():
+        DrainingServer(config, app.state.drainer).run()
