@@ -83,7 +83,10 @@ async def forward(request: Request, services: ServicesDep, kind: Kind, path: str
             raise ShuttingDown("the gateway is shutting down; retry the request", retry_after_s=1)
         call = await _validated_call(request, services, kind)
         record.model, record.stream = call.model, call.stream
-        ticket = await unless_disconnected(request.receive, services.admission.acquire())
+        if services.admission.has_free_slot():
+            ticket = await services.admission.acquire()  # returns at once: no disconnect watcher needed
+        else:
+            ticket = await unless_disconnected(request.receive, services.admission.acquire())
     except (GatewayError, ClientDisconnected) as exc:
         _finish_early(services, record, exc)
         _account(services, record)

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+# prometheus_client's own `le` formatting (Go's float style), typed: the library leaves it unannotated.
+format_bound = cast(Callable[[float], str], floatToGoString)
 
 
 class Series:
@@ -36,7 +41,7 @@ class Series:
         running, rows = 0, []
         for bound, count in zip(self._upper_bounds, self._counts, strict=True):
             running += count
-            rows.append(("+Inf" if math.isinf(bound) else repr(float(bound)), float(running)))
+            rows.append((format_bound(bound), float(running)))
         return rows
 
 
