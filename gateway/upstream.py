@@ -11,6 +11,7 @@ import anyio
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from gateway.cutoff import Deadline
 from gateway.errors import GatewayError, NoWorkerAvailable, UpstreamFailed, UpstreamRejected, UpstreamTimeout
 from gateway.settings import GatewaySettings
 from gateway.sse import Event, EventSplitter
@@ -68,28 +69,21 @@ class OpenStream:
     first_event_at: float
     closed: bool = field(default=False)
     # Set by the drainer: the loop time by which this stream must end (gateway shutdown).
-    deadline: float | None = None
-    _read_scope: asyncio.Timeout | None = None
+    deadline: Deadline = field(default_factory=Deadline)
 
     async def next_chunk(self) -> bytes:
         """The next network chunk; a TimeoutError here means the shutdown deadline passed."""
-        async with asyncio.timeout_at(self.deadline) as scope:
-            self._read_scope = scope
-            try:
-                return await anext(self.chunks)
-            finally:
-                self._read_scope = None
+        return await self.deadline.wait(anext(self.chunks))
 
     def end_by(self, deadline: float) -> None:
-        self.deadline = deadline
-        if self._read_scope is not None:
-            self._read_scope.reschedule(deadline)
+        self.deadline.set(deadline)
 
     async def aclose(self) -> None:
         """Close the worker connection; shielded so a cancelled caller still makes vLLM abort."""
         if self.closed:
             return
         self.closed = True
+        self.deadline.clear()
         with anyio.CancelScope(shield=True):
             await self.response.aclose()
 
