@@ -193,6 +193,9 @@ def map_transport_error(exc: httpx.HTTPError) -> GatewayError:
         if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
             return UpstreamFailed(f"could not connect to worker in time: {type(exc).__name__}")
         return UpstreamTimeout(f"worker sent nothing in time: {type(exc).__name__}")
+    if isinstance(exc, httpx.ReadError):
+        # httpcore's ReadError is the socket failing under a read: a worker that reset or closed the connection.
+        return UpstreamFailed(f"worker closed or reset the connection ({type(exc).__name__}: {exc})")
     if isinstance(exc, httpx.ConnectError):
         return UpstreamFailed(f"could not connect to worker: {exc}")
     return UpstreamFailed(f"worker connection failed: {type(exc).__name__}: {exc}")

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from gateway.errors import GatewayError, UpstreamFailed, UpstreamTimeout
+from gateway.upstream import map_transport_error
 from tests.unit.fakes import MODEL, ScriptedWorker, chat_chunk, gateway_client, mock_transport, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -199,3 +201,20 @@ async def test_api_keys_are_required_when_configured() -> None:
     assert missing.headers["x-request-id"]
     assert right.status_code == 200
     assert health.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "phrase"),
+    [
+        (httpx.ReadError(""), UpstreamFailed, "worker closed or reset the connection"),
+        (httpx.ConnectError("refused"), UpstreamFailed, "could not connect to worker"),
+        (httpx.ConnectTimeout(""), UpstreamFailed, "could not connect to worker in time"),
+        (httpx.ReadTimeout(""), UpstreamTimeout, "worker sent nothing in time"),
+    ],
+)
+def test_transport_errors_say_what_happened_to_the_worker_connection(
+    error: httpx.HTTPError, kind: type[GatewayError], phrase: str
+) -> None:
+    mapped = map_transport_error(error)
+    assert type(mapped) is kind
+    assert str(mapped).startswith(phrase)

@@ -72,6 +72,17 @@ def test_a_stalled_stream_ends_with_an_idle_timeout_error_event() -> None:
     assert wait_until(stalled.disconnected.is_set, 2)
 
 
+def test_a_quiet_stream_gets_keepalive_pings_between_its_events() -> None:
+    slow = SlowWorker(vllm_stream([1] * 3), gap_s=0.5)
+    with gateway_over(slow, sse_ping_interval_s=0.1) as (url, _):
+        reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+    comments = [event for event in reply.text.split("\n\n") if event.startswith(":")]
+    assert reply.status_code == 200
+    assert len(comments) >= 3 and all(comment.startswith(": ping") for comment in comments), comments
+    assert _events(reply.text)[-1] == "data: [DONE]"
+    assert len(_events(reply.text)) == 5  # role, three tokens, [DONE]; the usage chunk was not asked for
+
+
 def test_graceful_shutdown_refuses_new_work_and_ends_long_streams_after_the_grace() -> None:
     long_stream = SlowWorker(vllm_stream([1] * 400), gap_s=0.02)
     with (
