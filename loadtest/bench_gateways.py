@@ -141,6 +141,8 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         return new
     levels = {row["level"] for row in new["rows"]}
     kept = [row for row in old["rows"] if row["level"] not in levels]
+    if not kept:
+        return new  # every level was measured again: the old run's commands no longer describe any row
     order = {name: i for i, name in enumerate(new["targets"])}
     rows = sorted([*kept, *new["rows"]], key=lambda r: (r["level"], order.get(r["target"], 99)))
     commands = [c for c in old.get("commands", [old["command"]]) if c != new["command"]]

@@ -43,3 +43,18 @@ def test_missing_peer_is_skipped_with_a_note(tmp_path: Path) -> None:
         note = bench_targets.missing_peer(name, tmp_path)
         assert note is not None and "skipped" in note and f"python -m loadtest.peers install {name}" in note
     assert "api_base: http://127.0.0.1:9/v1" in peers.litellm_config("http://127.0.0.1:9/")
+
+
+def _phase(command: str, levels: list[int]) -> dict[str, object]:
+    return {"targets": ["direct", "specgate"], "engine_args": ["--gap-ms", "10"], "command": command,
+            "rows": [{"level": level, "target": target} for level in levels for target in ("direct", "specgate")],
+            "duration_s": 1.0, "load": {}}
+
+
+def test_a_rerun_level_replaces_the_old_rows_and_commands_only_describe_kept_rows() -> None:
+    merged = bench_gateways._merge(_phase("first", [1, 100]), _phase("second", [100]))
+    assert [(row["level"], row["target"]) for row in merged["rows"]] == [
+        (1, "direct"), (1, "specgate"), (100, "direct"), (100, "specgate")]
+    assert merged["commands"] == ["first", "second"]
+    rerun = bench_gateways._merge(_phase("first", [1, 100]), _phase("again", [1, 100]))
+    assert rerun.get("commands", [rerun["command"]]) == ["again"]
