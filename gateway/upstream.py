@@ -17,6 +17,7 @@ from gateway.settings import GatewaySettings
 from gateway.sse import Event, EventSplitter
 
 MAX_ERROR_BODY = 64 * 1024
+MAX_CACHED_URLS = 1024
 
 
 # vLLM's uvicorn drops a connection idle for 5 s; reusing one at that moment fails a POST that aiohttp
@@ -95,24 +96,26 @@ class Upstream:
         self._client = client
         self._settings = settings
         self._clock = clock
+        self._stream_timeout = client.timeout.as_dict()
+        self._complete_timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s).as_dict()
+        self._urls: dict[tuple[str, str], httpx.URL] = {}
 
-    def _request(
-        self, worker_url: str, path: str, body: bytes, request_id: str, timeout: httpx.Timeout | None = None
-    ) -> httpx.Request:
-        headers = {
-            "content-type": "application/json",
-            "accept-encoding": "identity",
-            "x-request-id": request_id,
-        }
-        if timeout is None:
-            return self._client.build_request("POST", worker_url + path, content=body, headers=headers)
-        return self._client.build_request(
-            "POST", worker_url + path, content=body, headers=headers, timeout=timeout
-        )
+    def _request(self, worker_url: str, path: str, body: bytes, request_id: str, timeout: dict[str, float | None],
+                 ) -> httpx.Request:
+        # Built directly rather than by client.build_request, which re-parses and merges the URL, the client's
+        # default headers and cookies on every call (59 µs against 17 µs here, per request start); workers need
+        # none of those defaults.
+        url = self._urls.get((worker_url, path))
+        if url is None:
+            if len(self._urls) >= MAX_CACHED_URLS:  # discovery may churn through worker addresses
+                self._urls.clear()
+            url = self._urls.setdefault((worker_url, path), httpx.URL(worker_url + path))
+        headers = {"content-type": "application/json", "accept-encoding": "identity", "x-request-id": request_id}
+        return httpx.Request("POST", url, content=body, headers=headers, extensions={"timeout": timeout})
 
     async def open_stream(self, worker_url: str, path: str, body: bytes, request_id: str) -> OpenStream:
         """Send the request and wait, within the first-token timeout, for a 200 and the first event."""
-        request = self._request(worker_url, path, body, request_id)
+        request = self._request(worker_url, path, body, request_id, self._stream_timeout)
         sent_at = self._clock()
         limit = self._settings.first_token_timeout_s
         response: httpx.Response | None = None
@@ -146,8 +149,7 @@ class Upstream:
 
     async def complete(self, worker_url: str, path: str, body: bytes, request_id: str) -> httpx.Response:
         """A non-streaming call: the whole answer, read, with status 200."""
-        timeout = httpx.Timeout(self._settings.request_timeout_s, connect=self._settings.connect_timeout_s)
-        request = self._request(worker_url, path, body, request_id, timeout)
+        request = self._request(worker_url, path, body, request_id, self._complete_timeout)
         response = await _send(self._client, request, stream=True)
         try:
             if response.status_code != 200:

@@ -118,6 +118,25 @@ async def test_client_request_id_is_echoed_and_forwarded() -> None:
     assert models.headers["x-request-id"]
 
 
+async def test_worker_requests_carry_identity_encoding_json_and_the_timeouts_of_their_kind() -> None:
+    worker = _streaming_worker(vllm_stream([1]))
+    settings = settings_for(worker.url, stream_idle_timeout_s=111, request_timeout_s=222, connect_timeout_s=3)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with gateway_client(settings, mock_transport(worker)) as (client, _):
+        await client.post("/v1/chat/completions", json=chat)
+        worker.on_post = lambda request: httpx.Response(200, json={"choices": []})
+        await client.post("/v1/completions", json={"model": MODEL, "prompt": "a"})
+    streamed, completed = worker.seen[0], worker.seen[1]
+    assert str(streamed.url) == worker.url + "/v1/chat/completions"
+    assert str(completed.url) == worker.url + "/v1/completions"
+    for request in (streamed, completed):
+        assert request.headers["content-type"] == "application/json"
+        assert request.headers["accept-encoding"] == "identity"
+    # A stream's read timeout is an idle bound; a whole answer gets the request timeout.
+    assert streamed.extensions["timeout"]["read"] == 111 and streamed.extensions["timeout"]["connect"] == 3
+    assert completed.extensions["timeout"]["read"] == 222 and completed.extensions["timeout"]["connect"] == 3
+
+
 async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counted() -> None:
     from gateway.metrics import RequestRecord
     from gateway.relay import UsageFilter, relay_events
