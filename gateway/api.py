@@ -22,7 +22,6 @@ router = APIRouter()
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 UNVALIDATED_MODEL = "unknown"
-SHUTDOWN_BACKSTOP_S = 2.0
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -160,8 +159,6 @@ async def _stream(
         ping=services.settings.sse_ping_interval_s,
         sep="\n",
         send_timeout=services.settings.sse_send_timeout_s,
-        # The drainer ends streams at the grace deadline with an error event; this is only the backstop.
-        shutdown_grace_period=services.settings.shutdown_grace_s + SHUTDOWN_BACKSTOP_S,
     )
 
 

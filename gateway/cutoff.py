@@ -32,10 +32,9 @@ async def _await_cuttable(awaitable: Awaitable[T], task: asyncio.Task[object], c
 class Deadline:
     """A loop time after which waits fail: a wait in progress is cut then, later ones fail at once."""
 
-    __slots__ = ("_cut", "_handle", "_waiting", "passed", "when")
+    __slots__ = ("_cut", "_handle", "_waiting", "passed")
 
     def __init__(self) -> None:
-        self.when: float | None = None
         self.passed = False
         self._waiting: asyncio.Task[object] | None = None
         self._handle: asyncio.TimerHandle | None = None
@@ -43,7 +42,6 @@ class Deadline:
 
     def set(self, when: float) -> None:
         """Called on the event loop's thread (the drainer schedules itself there)."""
-        self.when = when
         if self._handle is not None:
             self._handle.cancel()
         self._handle = asyncio.get_running_loop().call_at(when, self._fire)
