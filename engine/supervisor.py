@@ -26,7 +26,7 @@ def cpu_binding(index: int, profile: EngineProfile, workers: int) -> str | None:
 
     Workers pinned to every core leave their API servers, engine cores and the gateway to queue behind the
     pinned threads: on 2 cores with 2 pinned workers, a 1-token request to an idle worker beside a busy one
-    took up to 20 s; unpinned, at most 1.1 s (DESIGN.md, "vLLM on these machines").
+    took up to 20 s; unpinned, at most 1.1 s (README.md, "vLLM CPU workers: what we measured").
     """
     if profile.device != "cpu":
         return None
