@@ -9,13 +9,13 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from gateway.disconnect import unless_disconnected
+from gateway.disconnect import ClientWatch
 from gateway.errors import ClientDisconnected, GatewayError, ModelNotFound, RequestTooLarge, ShuttingDown
 from gateway.eventstream import RelayEventStream
 from gateway.metrics import RequestRecord
 from gateway.pool import Worker
 from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
-from gateway.relay import DISCONNECTED_STATUS, UsageFilter, relay_events
+from gateway.relay import DISCONNECTED_STATUS, Relay, UsageFilter
 from gateway.services import Services, get_services
 
 router = APIRouter()
@@ -81,31 +81,45 @@ async def forward(request: Request, services: ServicesDep, kind: Kind, path: str
         if services.drainer.draining:
             raise ShuttingDown("the gateway is shutting down; retry the request", retry_after_s=1)
         call = await _validated_call(request, services, kind)
-        record.model, record.stream = call.model, call.stream
-        if services.admission.has_free_slot():
-            ticket = await services.admission.acquire()  # returns at once: no disconnect watcher needed
-        else:
-            ticket = await unless_disconnected(request.receive, services.admission.acquire())
     except (GatewayError, ClientDisconnected) as exc:
         _finish_early(services, record, exc)
         _account(services, record)
         raise
-    record.admitted_at = services.clock()
-    services.metrics.in_flight.labels(call.model).inc()
-
-    def on_finish(done: RequestRecord) -> None:
-        ticket.release()
-        services.metrics.in_flight.labels(call.model).dec()
-        _account(services, done)
-
+    record.model, record.stream = call.model, call.stream
+    # From here to the end of the response, the client leaving cancels whatever the request waits on.
+    watch = ClientWatch(request.receive)
+    watch.start()
+    streaming = False
     try:
-        if call.stream:
-            return await _stream(request, services, call, record, path, on_finish)
-        return await _complete(request, services, call, record, path, on_finish)
-    except (GatewayError, ClientDisconnected) as exc:
-        _finish_early(services, record, exc)
-        on_finish(record)
-        raise
+        try:
+            with watch.guard():
+                ticket = await services.admission.acquire()
+        except (GatewayError, ClientDisconnected) as exc:
+            _finish_early(services, record, exc)
+            _account(services, record)
+            raise
+        record.admitted_at = services.clock()
+        services.metrics.in_flight.labels(call.model).inc()
+
+        def on_finish(done: RequestRecord) -> None:
+            ticket.release()
+            services.metrics.in_flight.labels(call.model).dec()
+            _account(services, done)
+
+        try:
+            with watch.guard():
+                if call.stream:
+                    response = await _stream(services, call, record, path, on_finish, watch)
+                    streaming = True  # the response watches on and stops the watch
+                    return response
+                return await _complete(services, call, record, path, on_finish)
+        except (GatewayError, ClientDisconnected) as exc:
+            _finish_early(services, record, exc)
+            on_finish(record)
+            raise
+    finally:
+        if not streaming:
+            await watch.stop()
 
 
 async def _validated_call(request: Request, services: Services, kind: Kind) -> OpenAICall:
@@ -128,22 +142,22 @@ T = TypeVar("T")
 Opener = Callable[[str, str, bytes, str], Awaitable[T]]
 
 
-async def _routed(request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str,
+async def _routed(services: Services, call: OpenAICall, record: RequestRecord, path: str,
                   opener: Opener[T]) -> tuple[Worker, T]:
-    """Route and send (with retries on other workers) while watching for the client to leave."""
+    """Route and send, with retries on other workers."""
     body = call.upstream_body()
 
     async def send(worker: Worker) -> T:
         return await opener(worker.url, path, body, record.request_id)
 
-    return await unless_disconnected(request.receive, services.dispatcher.attempt(call, record, send))
+    return await services.dispatcher.attempt(call, record, send)
 
 
 async def _stream(
-    request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str,
-    on_finish: Callable[[RequestRecord], None],
+    services: Services, call: OpenAICall, record: RequestRecord, path: str,
+    on_finish: Callable[[RequestRecord], None], watch: ClientWatch,
 ) -> Response:
-    worker, opened = await _routed(request, services, call, record, path, services.upstream.open_stream)
+    worker, opened = await _routed(services, call, record, path, services.upstream.open_stream)
     services.drainer.track(opened)
 
     def finish(done: RequestRecord) -> None:
@@ -151,11 +165,11 @@ async def _stream(
         services.pool.finished(worker)
         on_finish(done)
 
-    events = relay_events(
-        opened, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock, finish
-    )
+    relay = Relay(opened, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock, finish)
     return RelayEventStream(
-        events,
+        relay.events(),
+        watch=watch,
+        after=relay.settle,
         ping=services.settings.sse_ping_interval_s,
         sep="\n",
         send_timeout=services.settings.sse_send_timeout_s,
@@ -163,10 +177,10 @@ async def _stream(
 
 
 async def _complete(
-    request: Request, services: Services, call: OpenAICall, record: RequestRecord, path: str,
+    services: Services, call: OpenAICall, record: RequestRecord, path: str,
     on_finish: Callable[[RequestRecord], None],
 ) -> Response:
-    worker, response = await _routed(request, services, call, record, path, services.upstream.complete)
+    worker, response = await _routed(services, call, record, path, services.upstream.complete)
     services.pool.finished(worker)
     content = response.content
     try:

@@ -1,43 +1,72 @@
-"""Disconnect stage: run gateway work while watching the client, and cancel the work if it leaves."""
+"""Disconnect stage: watch a request's client from admission to the end of its response, on one task.
+
+When the client leaves, the watcher cancels the request's own task: whatever it waits on (the queue, the
+worker's status line, the first token, a non-streaming call, a stream write) unwinds, and that wait's
+cleanup closes the worker request. The work stays in the request's task rather than racing a work task
+against a watcher task: each hand-off between tasks costs a full event-loop turn, which under load is
+milliseconds of TTFT (loadtest/results/profile.md, "Event-loop turns on the request path").
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+import contextlib
+from collections.abc import Iterator
 
 from starlette.types import Receive
 
 from gateway.errors import ClientDisconnected
 
-T = TypeVar("T")
 
+class ClientWatch:
+    """One watcher task per request; `guard()` turns its cancellation into ClientDisconnected."""
 
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+    __slots__ = ("_claimed", "_owner", "_receive", "_watcher", "client_left")
 
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._owner: asyncio.Task[object] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._claimed = False
+        self.client_left = False
 
-async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`; if the client disconnects first, cancel it (its cleanup closes the worker request).
+    def start(self) -> None:
+        """Watch from now on; call after the request body has been read (the watcher takes receive())."""
+        self._owner = asyncio.current_task()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    Used for every wait before the response starts: the queue, the worker's status line, the first
-    token, and whole non-streaming calls, where otherwise nothing would notice the client is gone.
-    """
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(_wait_for_disconnect(receive))
-    try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        work_task.cancel()
-        watch_task.cancel()
-        raise
-    if work_task.done():
-        watch_task.cancel()
-        return work_task.result()
-    work_task.cancel()
-    # Let the work's own cleanup (closing the upstream response) finish before we report.
-    await asyncio.gather(work_task, return_exceptions=True)
-    raise ClientDisconnected()
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                break
+        self._watcher = None
+        self.client_left = True
+        if self._owner is not None:
+            self._owner.cancel()
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Within this block, the client leaving raises ClientDisconnected; other cancellations pass."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            owner = asyncio.current_task()
+            if owner is None or owner is not self._owner or not self.client_left or self._claimed:
+                raise
+            self._claimed = True
+            owner.uncancel()
+            raise ClientDisconnected() from None
+
+    async def stop(self) -> None:
+        """Stop watching: before the response's last message, which uvicorn answers with a disconnect.
+
+        A client that left just before still has its cancellation pending on the task; it is taken here, as
+        ClientDisconnected, rather than at some later wait outside any guard.
+        """
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self.client_left and not self._claimed:
+            with self.guard():
+                await asyncio.sleep(0)

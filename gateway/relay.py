@@ -63,82 +63,121 @@ class UsageFilter:
         return encode_data(trimmed)
 
 
-async def relay_events(
-    stream: OpenStream,
-    record: RequestRecord,
-    usage: UsageFilter,
-    clock: Callable[[], float],
-    on_finish: Callable[[RequestRecord], None],
-) -> AsyncIterator[bytes]:
-    """The client's stream. Cancelled on client disconnect; the finally closes the worker request."""
-    finished = False
-    record.upstream_sent_at = stream.sent_at
-    try:
-        pending = stream.first_events
-        arrived_at = stream.first_event_at
-        saw_done = False
-        while True:
-            # Events that came in one upstream read leave in one write: none waits for another, and under
-            # load the per-write cost (ASGI send, syscall) is paid once per read instead of once per event.
-            batch: list[bytes] = []
-            content_tokens: list[int] = []
-            failed = False
-            for event in pending:
-                content = event.has_content()
-                tokens = usage.tokens_in(event.payload, record, content) if event.payload else 0
-                if record.upstream_first_token_at is None and (content or tokens):
-                    record.upstream_first_token_at = arrived_at
-                out = usage.client_bytes(event)
-                if out is None:
-                    continue
-                batch.append(out)
-                if content or tokens:
-                    content_tokens.append(tokens)
-                if event.is_error:
-                    failed = True
-                    break
-                if event.is_done:
-                    saw_done = True
-            if batch:
-                yield batch[0] if len(batch) == 1 else b"".join(batch)
-                now = clock()
-                for tokens in content_tokens:
-                    record.on_content(now, tokens)
-            if failed:
-                record.status = "502"
-                finished = True
-                return
-            if saw_done:
-                finished = True
-                record.finished_at = clock()
-                await _read_to_end(stream)
-                return
-            try:
-                chunk = await stream.next_chunk()
-            except StopAsyncIteration:
-                raise UpstreamFailed("worker closed the stream before [DONE]") from None
-            except httpx.HTTPError as exc:
-                raise map_transport_error(exc) from exc
-            except TimeoutError:
-                raise ShuttingDown("the gateway is shutting down; retry the request") from None
-            arrived_at = clock()
-            pending = [Event.parse(raw) for raw in stream.splitter.feed(chunk)]
-    except GatewayError as exc:
-        record.status = exc.metric_status
-        finished = True
-        yield exc.sse_event()
-    except (asyncio.CancelledError, GeneratorExit):
-        record.disconnected = True
-        record.status = DISCONNECTED_STATUS
-        raise
-    finally:
-        if not finished and not record.disconnected:
+class Relay:
+    """One client stream: `events()` is the response body, `settle()` runs once the response is complete.
+
+    At [DONE] the body ends at once, so the client's response completes (and uvicorn starts the next request
+    of that keep-alive connection) without waiting on the worker; `settle()` then takes the worker's chunked
+    terminator, so its connection goes back to the pool, closes the worker request and records the request.
+    Any other ending (error, disconnect, cancellation) closes and records inside `events()` itself.
+    """
+
+    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_record", "_settled", "_stream", "_usage")
+
+    def __init__(self, stream: OpenStream, record: RequestRecord, usage: UsageFilter, clock: Callable[[], float],
+                 on_finish: Callable[[RequestRecord], None]) -> None:
+        self._stream = stream
+        self._record = record
+        self._usage = usage
+        self._clock = clock
+        self._on_finish = on_finish
+        self._clean_end = False
+        self._ended = False
+        self._settled = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The client's stream. Cancelled on client disconnect; the finally closes the worker request."""
+        stream, record, usage, clock = self._stream, self._record, self._usage, self._clock
+        finished = False
+        record.upstream_sent_at = stream.sent_at
+        try:
+            pending = stream.first_events
+            arrived_at = stream.first_event_at
+            saw_done = False
+            while True:
+                # Events that came in one upstream read leave in one write: none waits for another, and under
+                # load the per-write cost (ASGI send, syscall) is paid once per read instead of once per event.
+                batch: list[bytes] = []
+                content_tokens: list[int] = []
+                failed = False
+                for event in pending:
+                    content = event.has_content()
+                    tokens = usage.tokens_in(event.payload, record, content) if event.payload else 0
+                    if record.upstream_first_token_at is None and (content or tokens):
+                        record.upstream_first_token_at = arrived_at
+                    out = usage.client_bytes(event)
+                    if out is None:
+                        continue
+                    batch.append(out)
+                    if content or tokens:
+                        content_tokens.append(tokens)
+                    if event.is_error:
+                        failed = True
+                        break
+                    if event.is_done:
+                        saw_done = True
+                if batch:
+                    yield batch[0] if len(batch) == 1 else b"".join(batch)
+                    now = clock()
+                    for tokens in content_tokens:
+                        record.on_content(now, tokens)
+                if failed:
+                    record.status = "502"
+                    finished = True
+                    return
+                if saw_done:
+                    finished = self._clean_end = True
+                    record.finished_at = clock()
+                    return
+                try:
+                    chunk = await stream.next_chunk()
+                except StopAsyncIteration:
+                    raise UpstreamFailed("worker closed the stream before [DONE]") from None
+                except httpx.HTTPError as exc:
+                    raise map_transport_error(exc) from exc
+                except TimeoutError:
+                    raise ShuttingDown("the gateway is shutting down; retry the request") from None
+                arrived_at = clock()
+                pending = [Event.parse(raw) for raw in stream.splitter.feed(chunk)]
+        except GatewayError as exc:
+            record.status = exc.metric_status
+            finished = True
+            yield exc.sse_event()
+        except (asyncio.CancelledError, GeneratorExit):
             record.disconnected = True
             record.status = DISCONNECTED_STATUS
+            raise
+        finally:
+            self._ended = True
+            if not finished and not record.disconnected:
+                record.disconnected = True
+                record.status = DISCONNECTED_STATUS
+            if not self._clean_end:
+                await self._close()
+
+    async def settle(self) -> None:
+        """After the response: take the terminator (clean end only), close the worker request, record it."""
+        if self._settled:
+            return
+        if self._clean_end:
+            await _read_to_end(self._stream)
+        elif not self._ended:
+            # The body never ran: the client left (or a write failed) before the stream's first event went out.
+            self._record.disconnected = True
+            self._record.status = DISCONNECTED_STATUS
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        record = self._record
         if record.finished_at is None:
-            record.finished_at = clock()
-        await stream.aclose()
-        on_finish(record)
+            record.finished_at = self._clock()
+        try:
+            await self._stream.aclose()
+        finally:
+            self._on_finish(record)
 
 
 async def _read_to_end(stream: OpenStream) -> None:

@@ -6,7 +6,11 @@ Every gateway runs pinned to --gateway-cpu (one core each, alone there); the fak
 load generator) share --client-cpu. Phases (each starts its own engine and targets, and writes
 <out-dir>/<phase>.json; the Markdown report and plots are rebuilt from all phase files present):
 
-- latency: levels x interleaved rounds at GPU-like timing (--ttft-ms, --gap-ms, --output-len);
+- latency: levels x interleaved rounds at GPU-like timing (--ttft-ms, --gap-ms, --output-len), the streams
+  started spread over --ramp-up-s (default: one request's duration) and only requests sent after it measured,
+  so each level is its concurrency in steady state;
+- burst:   the same at --burst-levels with every stream started at once: equal requests then keep the streams
+  in lockstep, and each round of requests reaches the target as one burst (the worst case for any gateway);
 - chunks:  the same at --chunk-level with 4 tokens per event (speculative decoding), for the 1:1 check;
 - capacity: gap --capacity-gap-ms, rising concurrency: highest events/s before TTFT p99 > 2x direct's;
 - idle: --idle-streams streams held open by an engine that stalls them: RSS before / open / after.
@@ -35,7 +39,7 @@ from loadtest.bench_phases import CapacityPlan, LatencyPlan, capacity_phase, idl
 from loadtest.bench_procs import raise_open_file_limit
 from loadtest.bench_targets import Target, missing_peer, start_engine, start_target
 
-PHASES = ("latency", "chunks", "capacity", "idle")
+PHASES = ("latency", "burst", "chunks", "capacity", "idle")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -46,7 +50,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_gateways", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phases", default="latency,chunks,capacity,idle")
+    p.add_argument("--phases", default="latency,burst,chunks,capacity,idle")
     p.add_argument("--targets", default="direct,specgate,litellm,vllm-router")
     p.add_argument("--levels", type=_ints, default=(1, 100, 300, 600), help="latency: concurrent streams")
     p.add_argument("--rounds", type=int, default=3, help="latency: interleaved rounds per level")
@@ -55,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-ms", type=float, default=20.0)
     p.add_argument("--gap-ms", type=float, default=10.0)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--ramp-up-s", type=float, default=None,
+                   help="latency, chunks: spread stream starts over this long (default: one request's duration)")
+    p.add_argument("--burst-levels", type=_ints, default=(100,), help="burst: concurrent streams, started at once")
     p.add_argument("--chunk-level", type=int, default=100, help="chunks: concurrency of the 4-token-per-event run")
     p.add_argument("--chunk-rounds", type=int, default=2)
     p.add_argument("--capacity-levels", type=_ints, default=(4, 8, 16, 32, 64, 128, 256))
@@ -86,14 +93,21 @@ def engine_args(args: argparse.Namespace, phase: str) -> list[str]:
     return base
 
 
+def ramp_up_s(args: argparse.Namespace) -> float:
+    """Stagger streams over one request's duration, so their starts (and ends) spread evenly over time."""
+    if args.ramp_up_s is not None:
+        return float(args.ramp_up_s)
+    return (args.ttft_ms + args.gap_ms * args.output_len) / 1000
+
+
 async def _run(phase: str, args: argparse.Namespace, targets: Sequence[Target], engine: Target) -> list[Any]:
     progress = not args.no_progress
-    if phase in ("latency", "chunks"):
-        levels = args.levels if phase == "latency" else (args.chunk_level,)
-        rounds = args.rounds if phase == "latency" else args.chunk_rounds
+    if phase in ("latency", "burst", "chunks"):
+        levels = {"latency": args.levels, "burst": args.burst_levels, "chunks": (args.chunk_level,)}[phase]
+        rounds = args.chunk_rounds if phase == "chunks" else args.rounds
         plan = LatencyPlan(levels=levels, rounds=rounds, output_len=args.output_len,
                            requests_per_stream=args.requests_per_stream, min_requests=args.min_requests,
-                           progress=progress)
+                           ramp_up_s=0.0 if phase == "burst" else ramp_up_s(args), progress=progress)
         return await latency_phase(targets, engine, plan)
     if phase == "capacity":
         cplan = CapacityPlan(levels=args.capacity_levels, seconds=args.capacity_seconds,
@@ -126,9 +140,10 @@ def run_phase(phase: str, args: argparse.Namespace, command: str) -> dict[str, A
     data = {"phase": phase, "command": command, "started_at": started, "duration_s": time.time() - started,
             "engine_args": engine_args(args, phase), "targets": [t.name for t in targets],
             "notes": [t.note for t in targets if t.note and t.name != "direct"], "skipped": skipped,
-            "gateway_cpu": gateway_cpu, "client_cpu": client_cpu, "load": _load_average(), "rows": rows}
+            "gateway_cpu": gateway_cpu, "client_cpu": client_cpu, "load": _load_average(), "rows": rows,
+            "ramp_up_s": ramp_up_s(args) if phase in ("latency", "chunks") else 0.0}
     path = args.out_dir / f"{phase}.json"
-    if phase in ("latency", "chunks") and path.exists():
+    if phase in ("latency", "burst", "chunks") and path.exists():
         data = _merge(orjson.loads(path.read_bytes()), data)
     path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
     return data
@@ -137,7 +152,7 @@ def run_phase(phase: str, args: argparse.Namespace, command: str) -> dict[str, A
 def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Levels run separately (to keep each run short) go into one table: new rows replace old ones of the
     same level, and the commands of both runs are kept. Runs with other targets or timing start afresh."""
-    if old.get("targets") != new["targets"] or old.get("engine_args") != new["engine_args"]:
+    if any(old.get(key) != new.get(key) for key in ("targets", "engine_args", "ramp_up_s")):
         return new
     levels = {row["level"] for row in new["rows"]}
     kept = [row for row in old["rows"] if row["level"] not in levels]

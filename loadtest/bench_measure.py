@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,15 +90,17 @@ class Run:
     def row(self) -> dict[str, Any]:
         """The pooled summary: percentiles over all rounds' requests, 1:1 counts, CPU and memory."""
         summary = summarize(self.records, self.duration_s, percentiles=(50.0, 99.0))
+        # Delivery, errors and rates count every request, ramp-up ones too; latencies only the measured ones.
         events = sum(len(r.itl_s) + (r.ttft_s is not None) for r in self.records)
         tokens = sum(r.output_tokens for r in self.records)
+        errors = Counter(r.kind for r in self.records if not r.ok)
         wall = max(self.duration_s, 1e-9)
         return {
             "target": self.target, "level": self.level, "rounds": self.rounds,
-            "requests": summary["requests"], "errors": summary["errors"],
+            "requests": summary["requests"], "errors": dict(sorted(errors.items())),
             "ttft_ms": summary["ttft_ms"], "tpot_ms": summary["tpot_ms"], "itl_ms": summary["itl_ms"],
-            "e2e_ms": summary["e2e_ms"], "event_throughput": summary["event_throughput"],
-            "output_throughput": summary["output_throughput"],
+            "e2e_ms": summary["e2e_ms"], "event_throughput": events / wall,
+            "output_throughput": tokens / wall,
             "client_events": events, "engine_events": self.engine_events,
             "client_tokens": tokens, "engine_tokens": self.engine_tokens,
             "tokens_estimated": summary["tokens_estimated"],
@@ -117,13 +120,14 @@ async def _sample_rss(pid: int, peak: list[int], interval_s: float = 0.2) -> Non
 
 
 def load_config(url: str, concurrency: int, *, output_len: int, num_requests: int | None = None,
-                duration_s: float | None = None, label: str = "", progress: bool = True) -> LoadConfig:
+                duration_s: float | None = None, ramp_up_s: float = 0.0, label: str = "",
+                progress: bool = True) -> LoadConfig:
     """Closed-loop chat streams of `output_len` tokens; max_tokens = the engine's output length, no ignore_eos
     (not every peer forwards vLLM's extras), so each request gets exactly output_len tokens."""
     return LoadConfig(base_url=url, endpoint="chat", model="demo",
                       workload=RandomPrompts(input_len=32, output_len=output_len, seed=concurrency),
                       concurrency=concurrency, num_requests=num_requests, duration_s=duration_s,
-                      drain_timeout_s=60.0, read_timeout_s=60.0, request_timeout_s=300.0,
+                      ramp_up_s=ramp_up_s, drain_timeout_s=60.0, read_timeout_s=60.0, request_timeout_s=300.0,
                       progress=progress, label=label)
 
 

@@ -23,6 +23,7 @@ class LatencyPlan:
     output_len: int
     requests_per_stream: int = 2
     min_requests: int = 24
+    ramp_up_s: float = 0.0
     progress: bool = True
 
     def requests(self, level: int) -> int:
@@ -54,7 +55,8 @@ async def latency_phase(targets: Sequence[Target], engine: Target, plan: Latency
             for target in targets:
                 label = f"{target.name} c={level} round {round_index + 1}/{plan.rounds}"
                 config = load_config(target.url, level, output_len=plan.output_len,
-                                     num_requests=plan.requests(level), label=label, progress=plan.progress)
+                                     num_requests=plan.requests(level), ramp_up_s=plan.ramp_up_s, label=label,
+                                     progress=plan.progress)
                 run = await measure(target, engine, config)
                 say(f"round {round_index + 1}: " + _line(run))
                 pooled.setdefault((target.name, level), Run(target.name, level)).add(run)

@@ -11,7 +11,7 @@ import orjson
 from loadtest.bench_goals import goal_lines
 from loadtest.bench_phases import capacity_verdicts
 
-PHASE_FILES = ("latency", "chunks", "capacity", "idle")
+PHASE_FILES = ("latency", "burst", "chunks", "capacity", "idle")
 
 
 def load_phases(out_dir: Path) -> dict[str, dict[str, Any]]:
@@ -116,7 +116,13 @@ def idle_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 def _setup(data: dict[str, Any]) -> str:
     notes = "; ".join(data["notes"]) or "–"
     loads = data.get("runs", [data["load"]])
-    return (f"engine `specgate fake-engine {' '.join(data['engine_args'])}`; gateway on core {data['gateway_cpu']}, "
+    ramp = data.get("ramp_up_s") or 0.0
+    ramped = sum(row["requests"].get("ramp_up", 0) for row in data["rows"] if isinstance(row.get("requests"), dict))
+    starts = (f"streams started evenly over {ramp:g} s per round, the {ramped:,} requests sent meanwhile delivered "
+              "and counted for 1:1 and errors but not in the latencies; " if ramp else
+              "streams started all at once; " if data["phase"] in ("latency", "burst", "chunks") else "")
+    return (f"{starts}engine `specgate fake-engine {' '.join(data['engine_args'])}`; "
+            f"gateway on core {data['gateway_cpu']}, "
             f"engine + load generator on core {data['client_cpu']}; load average (1/5/15 min) at the end of each "
             f"run: {'; '.join('/'.join(f'{v:g}' for v in load) for load in loads)}; versions: {notes}; "
             f"took {data['duration_s']:.0f} s")
@@ -131,7 +137,8 @@ def markdown(phases: dict[str, dict[str, Any]], title: str, plots: Sequence[Path
     lines += ["TTFT, TPOT and ITL are `vllm bench serve`'s definitions, from `specgate loadtest`'s client (aiohttp); "
               "percentiles pool every round's requests. Rounds are interleaved: per level, each round runs every "
               "target in turn.", ""]
-    sections = (("latency", "## Latency at GPU-like timing", latency_tables),
+    sections = (("latency", "## Latency at GPU-like timing, steady state", latency_tables),
+                ("burst", "## Latency when every stream starts at once (bursts)", latency_tables),
                 ("chunks", "## 4 tokens per event (speculative decoding)", latency_tables),
                 ("capacity", "## Max SSE events/s per core", capacity_tables),
                 ("idle", "## Memory at idle open streams", idle_table))

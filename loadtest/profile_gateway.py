@@ -101,7 +101,9 @@ def markdown(counts: dict[str, Counter[str]], command: str, setup: str, top: int
 
 
 async def _load(url: str, args: argparse.Namespace) -> dict[str, float]:
-    config = load_config(url, args.concurrency, output_len=args.output_len,
+    # Streams start spread over one request's duration (within the warm-up): steady state, not lockstep bursts.
+    ramp_up_s = min((args.ttft_ms + args.gap_ms * args.output_len) / 1000, args.warmup_s)
+    config = load_config(url, args.concurrency, output_len=args.output_len, ramp_up_s=ramp_up_s,
                          duration_s=args.warmup_s + args.seconds + 1, label="profile load", progress=False)
     result = await run_scenario(config)
     return {"events_per_s": result.summary["event_throughput"], "errors": sum(result.summary["errors"].values()),

@@ -59,6 +59,8 @@ class RequestRecord:
     saw_done: bool = False
     session: str | None = None
     turn: int = 0
+    # Sent while the streams were still starting (LoadConfig.ramp_up_s): delivered, but outside the summary.
+    ramp_up: bool = False
 
     @property
     def ok(self) -> bool:

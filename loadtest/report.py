@@ -82,7 +82,7 @@ def _pyplot() -> Any:
 
 def plot_distributions(result: RunResult, path: Path) -> Path:
     plt = _pyplot()
-    ok = [r for r in result.records if r.ok]
+    ok = [r for r in result.records if r.ok and not r.ramp_up]
     series = (("TTFT", [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]),
               ("ITL (gap between chunks)", [gap * 1000 for r in ok for gap in r.itl_s]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

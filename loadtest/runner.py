@@ -32,6 +32,8 @@ class LoadConfig:
     concurrency: int = 1
     rate: float | None = None
     burstiness: float = 1.0
+    # Closed loop: streams start spread over this many seconds; requests sent meanwhile are not measured.
+    ramp_up_s: float = 0.0
     max_concurrency: int | None = None
     num_requests: int | None = 100
     duration_s: float | None = None
@@ -54,6 +56,8 @@ class LoadConfig:
             raise ValueError("a run needs a bound: num_requests and/or duration_s")
         if self.concurrency < 1 or (self.rate is not None and self.rate <= 0):
             raise ValueError("concurrency must be >= 1 and rate > 0")
+        if self.ramp_up_s < 0:
+            raise ValueError("ramp_up_s must be >= 0")
 
     @property
     def arrival(self) -> Literal["trace", "poisson", "concurrency"]:
@@ -92,22 +96,26 @@ class _Run:
         self.options = options
         self.on_record = on_record
         self.records: list[RequestRecord] = []
+        self.measured = 0
         self.start = time.perf_counter()
+        self.ramp_up_end = self.start + config.ramp_up_s
         self.deadline = self.start + config.duration_s if config.duration_s is not None else None
         self.limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
 
     def _take(self) -> RequestRecord | None:
-        """Claim the next request slot, or None once a cap is reached."""
+        """Claim the next request slot, or None once a cap is reached; ramp-up requests do not count."""
         if self.exhausted:
             return None
-        record = RequestRecord(index=len(self.records))
+        ramp_up = time.perf_counter() < self.ramp_up_end
+        record = RequestRecord(index=len(self.records), ramp_up=ramp_up)
         self.records.append(record)
+        self.measured += not ramp_up
         return record
 
     @property
     def exhausted(self) -> bool:
         cap = self.config.num_requests
-        if cap is not None and len(self.records) >= cap:
+        if cap is not None and self.measured >= cap:
             return True
         return self.deadline is not None and time.perf_counter() >= self.deadline
 
@@ -139,7 +147,14 @@ class _Run:
                 return
 
     async def closed_loop(self, sessions: Iterator[Session]) -> None:
-        async def stream() -> None:
+        """`concurrency` streams, each sending its next request when the last one ends. With ramp_up_s the
+        streams start evenly spread over it: started together, equal requests keep them in lockstep, and
+        every round then arrives as one burst, which measures the burst rather than the concurrency."""
+        spacing = self.config.ramp_up_s / self.config.concurrency
+
+        async def stream(position: int) -> None:
+            if spacing:
+                await asyncio.sleep(self.start + position * spacing - time.perf_counter())
             while not self.exhausted:
                 session = next(sessions, None)
                 if session is None:
@@ -148,7 +163,7 @@ class _Run:
                 if first is not None:
                     await self.session_task(session, first)
 
-        await asyncio.gather(*(stream() for _ in range(self.config.concurrency)))
+        await asyncio.gather(*(stream(position) for position in range(self.config.concurrency)))
 
     async def open_loop(self, sessions: Iterator[Session]) -> None:
         """Poisson (gamma when burstiness != 1) arrivals, or a trace's timestamps, on an absolute schedule."""
@@ -242,7 +257,9 @@ async def run_scenario(config: LoadConfig, on_record: Callable[[RequestRecord], 
             duration = time.perf_counter() - run.start
             if progress is not None:
                 progress.close()
-    summary = summarize(run.records, duration, slos_s=dict(config.slos_s), percentiles=config.percentiles)
+    # Rates are over the measured part: from the end of the ramp-up, when every stream runs.
+    measured_s = duration - min(config.ramp_up_s, duration)
+    summary = summarize(run.records, measured_s, slos_s=dict(config.slos_s), percentiles=config.percentiles)
     return RunResult(config=config, records=run.records, summary=summary, duration_s=duration, started_at=started_at)
 
 

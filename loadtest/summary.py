@@ -48,6 +48,8 @@ def summarize(
     records: Sequence[RequestRecord], duration_s: float, *, slos_s: Mapping[str, float] | None = None,
     percentiles: Sequence[float] = (50.0, 90.0, 99.0),
 ) -> dict[str, Any]:
+    ramp_up = sum(r.ramp_up for r in records)
+    records = [r for r in records if not r.ramp_up]
     ok = [r for r in records if r.ok]
     kinds = Counter(r.kind for r in records if not r.ok)
     cancelled = kinds.get(CANCELLED, 0)
@@ -59,7 +61,7 @@ def summarize(
     summary: dict[str, Any] = {
         "duration_s": duration_s,
         "requests": {"total": len(records), "completed": len(ok), "failed": len(records) - len(ok) - cancelled,
-                     "cancelled": cancelled},
+                     "cancelled": cancelled, "ramp_up": ramp_up},
         "errors": dict(sorted(kinds.items())),
         "request_throughput": len(ok) / duration_s,
         "output_throughput": output_tokens / duration_s,

@@ -139,10 +139,12 @@ class SlowWorker:
     """An ASGI worker under real uvicorn that streams scripted events with delays and records
     whether the gateway hung up on it (the signal vLLM uses to abort a request)."""
 
-    def __init__(self, events: list[bytes], gap_s: float, first_delay_s: float = 0.0, status: int = 200) -> None:
+    def __init__(self, events: list[bytes], gap_s: float, first_delay_s: float = 0.0, status: int = 200,
+                 end_delay_s: float = 0.0) -> None:
         self.events = events
         self.gap_s = gap_s
         self.first_delay_s = first_delay_s
+        self.end_delay_s = end_delay_s  # between the last event and the end of the body (chunked terminator)
         self.status = status
         self.started = threading.Event()
         self.disconnected = threading.Event()
@@ -189,6 +191,9 @@ class SlowWorker:
                 self.disconnected.set()
                 return
             await send({"type": "http.response.body", "body": event, "more_body": True})
+        if self.end_delay_s and await _sleep_or_disconnect(self.end_delay_s, watcher):
+            self.disconnected.set()
+            return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.completed.set()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -34,6 +36,26 @@ def test_mid_stream_disconnect_closes_the_worker_request() -> None:
         assert not worker.completed.is_set()
         metrics = client.get("/metrics").text
     assert 'specgate_client_disconnects_total{model="demo"} 1.0' in metrics
+
+
+def test_the_response_ends_at_done_and_the_worker_connection_still_goes_back_to_the_pool() -> None:
+    # The worker holds its body's end for 0.8 s after [DONE] (the gateway waits up to BODY_END_WAIT_S = 1 s for
+    # it): the client's response must not wait for it (its next request on that connection would), yet the
+    # gateway must still read it to reuse the connection.
+    worker = SlowWorker(vllm_stream([1, 1]), gap_s=0.0, end_delay_s=0.8)
+    with gateway_before(worker) as url, httpx.Client(base_url=url, timeout=10) as client:
+        for _ in range(2):
+            started = time.perf_counter()
+            with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+                body = b"".join(response.iter_bytes())
+            assert body.endswith(b"data: [DONE]\n\n")
+            assert time.perf_counter() - started < 0.6, "the response waited for the worker's terminator"
+            assert wait_until(worker.completed.is_set, timeout_s=5.0)
+            worker.completed.clear()
+            assert wait_until(lambda: 'specgate_in_flight{model="demo"} 0.0' in client.get("/metrics").text,
+                              timeout_s=2.0), "the request was never recorded as finished"
+        assert not worker.disconnected.is_set()
+    assert len(worker.clients) == 2 and worker.clients[0] == worker.clients[1], "a new worker connection per request"
 
 
 def test_disconnect_before_the_first_token_closes_the_worker_request() -> None:
@@ -97,3 +119,49 @@ def _abandon_after(url: str, body: dict[str, object], moment: threading.Event) -
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HTTP_PROXY", raising=False)
     monkeypatch.delenv("http_proxy", raising=False)
+
+
+@pytest.mark.anyio
+async def test_client_watch_turns_only_the_clients_leaving_into_client_disconnected() -> None:
+    from gateway.disconnect import ClientWatch
+    from gateway.errors import ClientDisconnected
+
+    messages: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    watch = ClientWatch(messages.get)
+    watch.start()
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(ClientDisconnected), watch.guard():
+        messages.put_nowait({"type": "http.request"})  # a late body part is not a disconnect
+        messages.put_nowait({"type": "http.disconnect"})
+        await asyncio.sleep(5)
+    assert task.cancelling() == 0, "the watcher's cancellation was taken back"
+    await asyncio.sleep(0)  # the task is usable again: no cancellation left pending
+
+    other = ClientWatch(messages.get)
+    other.start()
+
+    async def cancelled_from_elsewhere() -> None:
+        with other.guard():
+            await asyncio.sleep(5)
+
+    work = asyncio.ensure_future(cancelled_from_elsewhere())
+    await asyncio.sleep(0.01)
+    work.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await work
+    await other.stop()
+
+
+@pytest.mark.anyio
+async def test_a_stopped_watch_ignores_the_disconnect_uvicorn_reports_after_the_response() -> None:
+    from gateway.disconnect import ClientWatch
+
+    messages: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    watch = ClientWatch(messages.get)
+    watch.start()
+    await asyncio.sleep(0)
+    await watch.stop()
+    messages.put_nowait({"type": "http.disconnect"})
+    await asyncio.sleep(0.01)  # would raise CancelledError here if the watcher still ran
+    assert not watch.client_left

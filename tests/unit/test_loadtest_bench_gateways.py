@@ -12,7 +12,8 @@ from loadtest.bench_report import one_to_one
 
 def test_tiny_benchmark_writes_report_and_delivers_one_to_one(tmp_path: Path) -> None:
     args = bench_gateways.build_parser().parse_args([
-        "--phases", "latency,chunks", "--targets", "direct,specgate", "--levels", "4", "--rounds", "1",
+        "--phases", "latency,burst,chunks", "--targets", "direct,specgate", "--levels", "4", "--rounds", "1",
+        "--burst-levels", "4",
         "--min-requests", "8", "--output-len", "5", "--ttft-ms", "5", "--gap-ms", "1",
         "--chunk-level", "4", "--chunk-rounds", "1", "--gateway-cpu", "", "--client-cpu", "",
         "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "report.md"),
@@ -23,13 +24,19 @@ def test_tiny_benchmark_writes_report_and_delivers_one_to_one(tmp_path: Path) ->
     report = (tmp_path / "report.md").read_text()
     assert "## Latency at GPU-like timing" in report and "## 4 tokens per event" in report
     assert "| specgate | events and tokens 1:1 at 1 and 4 tokens per event |" in report
-    for phase, events_per_request in (("latency", 6), ("chunks", 3)):  # role + tokens: 1 + 5, or 1 + 1 + 4
+    assert "## Latency when every stream starts at once" in report
+    # role + tokens: 1 + 5, or 1 + 1 + 4
+    for phase, events_per_request in (("latency", 6), ("burst", 6), ("chunks", 3)):
         data = orjson.loads((tmp_path / "out" / f"{phase}.json").read_bytes())
         assert [row["target"] for row in data["rows"]] == ["direct", "specgate"]
         for row in data["rows"]:
+            # Requests sent while the streams were still starting are delivered and checked, not measured.
+            ramp_up = row["requests"]["ramp_up"]
+            assert (ramp_up == 0) == (phase == "burst"), (phase, ramp_up)
+            sent = 8 + ramp_up
             assert row["requests"]["completed"] == 8 and not row["errors"]
-            assert row["client_events"] == row["engine_events"] == 8 * events_per_request
-            assert row["client_tokens"] == row["engine_tokens"] == 8 * 5
+            assert row["client_events"] == row["engine_events"] == sent * events_per_request
+            assert row["client_tokens"] == row["engine_tokens"] == sent * 5
             assert one_to_one(row) == "yes"
         specgate = data["rows"][1]
         assert specgate["rss_peak_mib"] > 0 and specgate["target_cpu_share"] > 0

@@ -51,7 +51,7 @@ def test_metrics_follow_vllm_bench_definitions() -> None:
     assert abs(statistics.median(r.tpot_s or 0 for r in result.records) - gap) < 0.001
     assert abs(statistics.median(g for r in result.records for g in r.itl_s[1:]) - gap) < 0.0015
     summary = result.summary
-    assert summary["requests"] == {"total": 6, "completed": 6, "failed": 0, "cancelled": 0}
+    assert summary["requests"] == {"total": 6, "completed": 6, "failed": 0, "cancelled": 0, "ramp_up": 0}
     assert abs(summary["tpot_ms"]["mean"] - gap * 1000) < 1.2
     assert summary["total_output_tokens"] == 6 * tokens
     assert summary["output_throughput"] == pytest.approx(6 * tokens / result.duration_s)
@@ -96,6 +96,22 @@ def test_duration_cap_stops_issuing() -> None:
     assert 5 <= len(result.records) <= 80
     assert max(r.start_s for r in result.records) < 0.3 + 0.02
     assert result.duration_s < 1.5
+
+
+def test_ramp_up_spreads_stream_starts_and_leaves_its_requests_out_of_the_summary() -> None:
+    # 4 streams over 0.2 s: starts at 0, 50, 100 and 150 ms; each request takes ~40 ms, so the early streams
+    # send a few requests before the last one starts, and those are not measured.
+    with run_in_thread(FakeEngineConfig(ttft_s=0.010, gap_s=0.002, output_len=16)) as url:
+        result = run(base(url, concurrency=4, num_requests=12, ramp_up_s=0.2))
+    ramp, measured = [r for r in result.records if r.ramp_up], [r for r in result.records if not r.ramp_up]
+    assert len(measured) == 12, "the cap counts measured requests only"
+    assert all(r.ok for r in result.records)
+    first_starts = sorted(r.start_s for r in ramp)[:4]
+    assert first_starts[0] < 0.02 and 0.04 < first_starts[1] < 0.09, first_starts
+    assert all(r.start_s < 0.2 for r in ramp) and all(r.start_s >= 0.2 for r in measured)
+    assert result.summary["requests"] == {"total": 12, "completed": 12, "failed": 0, "cancelled": 0,
+                                          "ramp_up": len(ramp)}
+    assert len(ramp) >= 4
 
 
 def test_duration_cap_cancels_stragglers() -> None:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from gateway.metrics import Metrics, RequestRecord
-from gateway.relay import UsageFilter, relay_events
+from gateway.relay import Relay, UsageFilter
 from gateway.sse import Event, EventSplitter
 from gateway.upstream import OpenStream
 from tests.unit.fakes import vllm_stream
@@ -74,7 +74,9 @@ async def test_relay_stamps_ttft_per_token_and_per_chunk_gaps_from_usage() -> No
     record.worker = "w1"
     metrics = Metrics()
     finished: list[RequestRecord] = []
-    sent = [chunk async for chunk in relay_events(stream, record, UsageFilter(False, False), clock, finished.append)]
+    relay = Relay(stream, record, UsageFilter(False, False), clock, finished.append)
+    sent = [chunk async for chunk in relay.events()]
+    await relay.settle()
     metrics.record(finished[0])
 
     assert len(sent) == 5  # role + 3 content + [DONE]; usage-only chunk held back

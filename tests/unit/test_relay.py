@@ -139,7 +139,7 @@ async def test_worker_requests_carry_identity_encoding_json_and_the_timeouts_of_
 
 async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counted() -> None:
     from gateway.metrics import RequestRecord
-    from gateway.relay import UsageFilter, relay_events
+    from gateway.relay import Relay, UsageFilter
     from gateway.sse import Event, EventSplitter
     from gateway.upstream import OpenStream
 
@@ -156,9 +156,11 @@ async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counte
     record = RequestRecord(request_id="r", model=MODEL, endpoint="chat", stream=True, received_at=0.0)
     ticks = iter(float(n) for n in range(1, 100))
     finished: list[RequestRecord] = []
-    writes = [out async for out in relay_events(opened, record, UsageFilter(True, True), lambda: next(ticks),
-                                                finished.append)]
+    relay = Relay(opened, record, UsageFilter(True, True), lambda: next(ticks), finished.append)
+    writes = [out async for out in relay.events()]
     assert writes == [role + first, second + third, usage + done]
+    assert finished == [], "a clean end is recorded by settle(), once the client's response is complete"
+    await relay.settle()
     assert record.output_tokens == 4 and record.first_chunk_tokens == 1
     assert [tokens for _, tokens in record.chunk_gaps] == [2, 1], "every event counted, not every write"
     assert finished == [record] and record.status == "200"
