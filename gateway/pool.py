@@ -13,6 +13,7 @@ import httpx
 from gateway.discovery import resolve
 from gateway.loadsignals import WorkerLoad, parse_load
 from gateway.metrics import Metrics
+from gateway.upstream import fetch
 
 logger = logging.getLogger("specgate.pool")
 
@@ -121,9 +122,9 @@ class WorkerPool:
         timeout = self.timing.health_timeout_s
         try:
             # A draining worker answers 503 here and so gets no new requests.
-            health = await self._client.get(worker.url + "/health", timeout=timeout)
+            health = await fetch(self._client, worker.url + "/health", timeout)
             if health.status_code == 200:
-                listing = await self._client.get(worker.url + "/v1/models", timeout=timeout)
+                listing = await fetch(self._client, worker.url + "/v1/models", timeout)
                 listing.raise_for_status()
                 worker.model_cards = {card["id"]: card for card in listing.json().get("data", [])}
                 for model in worker.model_cards:
@@ -149,7 +150,7 @@ class WorkerPool:
 
     async def _scrape(self, worker: Worker) -> None:
         try:
-            page = await self._client.get(worker.url + "/metrics", timeout=self.timing.health_timeout_s)
+            page = await fetch(self._client, worker.url + "/metrics", self.timing.health_timeout_s)
             page.raise_for_status()
         except httpx.HTTPError:
             return  # the load goes stale and is then ignored; health checks decide availability

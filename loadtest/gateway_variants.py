@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import anyio
 import httpx
 from starlette.requests import Request  # at module level: FastAPI resolves the dependency's annotations here
 
@@ -34,6 +35,10 @@ FIXES = {
     "noreuse": "the opposite of reuse, for an A/B: close the upstream response at [DONE] without reading its end "
                "(gateway.relay._read_to_end made a no-op), so every request opens a new connection",
     "asyncdep": "get_services as an async dependency: FastAPI runs a sync one in its thread pool on every request",
+    "gcdefault": "the opposite of the shipped collector setting, for an A/B: CPython's default thresholds after "
+                 "startup (a full collection every 10 middle ones) instead of gateway.serve's FULL_COLLECTION_AFTER",
+    "cycles": "the opposite of the shipped unlinking, for an A/B: closed worker responses keep httpx's "
+              "response <-> stream reference cycle, so their objects wait for the garbage collector",
     "leansse": "a plain ASGI streaming response instead of sse_starlette's EventSourceResponse (no anyio task group, "
                "no cancel scope per event; no pings or send timeout, so a measurement aid, not the fix itself)",
 }
@@ -48,6 +53,22 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
 
 def apply_fixes(fixes: Sequence[str]) -> None:
     """Patch the gateway's modules; must run before gateway.app (and so gateway.api) is imported."""
+    if "gcdefault" in fixes:
+        from gateway import serve
+
+        setattr(serve, "FULL_COLLECTION_AFTER", 10)  # noqa: B010 (read at startup, after this patch)
+    if "cycles" in fixes:
+        from gateway import pool, upstream
+
+        async def close_keeping_the_cycle(response: httpx.Response) -> None:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+        async def fetch_keeping_the_cycle(client: httpx.AsyncClient, url: str, timeout_s: float) -> httpx.Response:
+            return await client.get(url, timeout=timeout_s)
+
+        setattr(upstream, "close_response", close_keeping_the_cycle)  # noqa: B010 (looked up at call time)
+        setattr(pool, "fetch", fetch_keeping_the_cycle)  # noqa: B010 (pool imports it by name)
     if "asyncdep" in fixes:
         from gateway import services
 
