@@ -19,7 +19,9 @@ from gateway.settings import GatewaySettings
 
 # Beyond the drain grace, so streams end with the gateway's own error event rather than being cut.
 UVICORN_MARGIN_S = 5
-# Middle-generation collections between two full ones (CPython's default is 10).
+# Net new container objects before a young collection (CPython's default is 700), and middle-generation
+# collections between two full ones (default 10); cyclic garbage stays bounded by the first.
+YOUNG_COLLECTION_AFTER = 10_000
 FULL_COLLECTION_AFTER = 1000
 
 
@@ -36,11 +38,11 @@ class DrainingServer(uvicorn.Server):
         # full one does not pause every open stream while it walks the app's import-time objects.
         gc.collect()
         gc.freeze()
-        # A full collection walks every live object: with a hundred open streams, 10-30 ms in which no stream
-        # moves, and by default one came every few seconds. The requests' own objects are freed by reference
-        # counting (their cycles are broken: gateway/upstream.py), so full collections can be rare.
-        young, middle, _ = gc.get_threshold()
-        gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
+        # The requests' own objects are freed by reference counting (their cycles are broken in
+        # gateway/upstream.py), so collections find little, yet with CPython's defaults a hundred open streams
+        # set off ~15 young collections a second (2-5 ms each), a middle one each second (~10 ms) and a full
+        # one every few seconds (10-50 ms), every one a pause for all streams (loadtest/results/profile.md).
+        gc.set_threshold(YOUNG_COLLECTION_AFTER, gc.get_threshold()[1], FULL_COLLECTION_AFTER)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._drainer.begin()

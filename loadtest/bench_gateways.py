@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench_measure import say
+from loadtest.bench_measure import host_steal, say
 from loadtest.bench_phases import CapacityPlan, LatencyPlan, capacity_phase, idle_phase, latency_phase
 from loadtest.bench_procs import raise_open_file_limit
 from loadtest.bench_targets import Target, missing_peer, start_engine, start_target
@@ -125,6 +125,7 @@ def run_phase(phase: str, args: argparse.Namespace, command: str) -> dict[str, A
     log_dir.mkdir(parents=True, exist_ok=True)
     gateway_cpu, client_cpu = args.gateway_cpu or None, args.client_cpu or None
     started = time.time()
+    steal_before = host_steal()
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(start_engine(engine_args(args, phase), client_cpu, log_dir))
         targets = [Target("direct", engine.url, None, note="the fake engine itself")]
@@ -137,7 +138,9 @@ def run_phase(phase: str, args: argparse.Namespace, command: str) -> dict[str, A
             targets = targets[1:]
         say(f"{phase}: engine {' '.join(engine_args(args, phase))}; targets {', '.join(t.name for t in targets)}")
         rows = uvloop.run(_run(phase, args, targets, engine))
-    data = {"phase": phase, "command": command, "started_at": started, "duration_s": time.time() - started,
+    steal, ticks = (after - before for after, before in zip(host_steal(), steal_before, strict=True))
+    data = {"phase": phase, "command": command, "host_steal": steal / ticks if ticks else None,
+            "started_at": started, "duration_s": time.time() - started,
             "engine_args": engine_args(args, phase), "targets": [t.name for t in targets],
             "notes": [t.note for t in targets if t.note and t.name != "direct"], "skipped": skipped,
             "gateway_cpu": gateway_cpu, "client_cpu": client_cpu, "load": _load_average(), "rows": rows,
@@ -162,7 +165,8 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     rows = sorted([*kept, *new["rows"]], key=lambda r: (r["level"], order.get(r["target"], 99)))
     commands = [c for c in old.get("commands", [old["command"]]) if c != new["command"]]
     return {**new, "rows": rows, "commands": [*commands, new["command"]],
-            "duration_s": old["duration_s"] + new["duration_s"], "runs": [*old.get("runs", [old["load"]]), new["load"]]}
+            "duration_s": old["duration_s"] + new["duration_s"], "runs": [*old.get("runs", [old["load"]]), new["load"]],
+            "host_steals": [*old.get("host_steals", [old.get("host_steal")]), new.get("host_steal")]}
 
 
 def _load_average() -> list[float]:

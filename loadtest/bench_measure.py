@@ -51,6 +51,17 @@ async def engine_idle(engine_url: str, timeout_s: float = 60.0) -> float:
     return running
 
 
+def host_steal() -> tuple[int, int]:
+    """(steal, all) CPU time of this machine in clock ticks, from /proc/stat: on a VM, steal is time the host
+    gave our virtual CPUs to someone else, which shows up as latency in every target alike."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def self_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -113,6 +113,13 @@ def idle_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _steal(data: dict[str, Any]) -> str:
+    steals = [s for s in data.get("host_steals", [data.get("host_steal")]) if s is not None]
+    if not steals:
+        return ""
+    return f"CPU time taken by the VM host (steal) during each run: {', '.join(f'{s:.1%}' for s in steals)}; "
+
+
 def _setup(data: dict[str, Any]) -> str:
     notes = "; ".join(data["notes"]) or "–"
     loads = data.get("runs", [data["load"]])
@@ -124,7 +131,8 @@ def _setup(data: dict[str, Any]) -> str:
     return (f"{starts}engine `specgate fake-engine {' '.join(data['engine_args'])}`; "
             f"gateway on core {data['gateway_cpu']}, "
             f"engine + load generator on core {data['client_cpu']}; load average (1/5/15 min) at the end of each "
-            f"run: {'; '.join('/'.join(f'{v:g}' for v in load) for load in loads)}; versions: {notes}; "
+            f"run: {'; '.join('/'.join(f'{v:g}' for v in load) for load in loads)}; "
+            f"{_steal(data)}versions: {notes}; "
             f"took {data['duration_s']:.0f} s")
 
 

@@ -45,7 +45,7 @@ def _wait(url: str, process: subprocess.Popen[bytes], timeout_s: float, log: Pat
 
 
 @contextlib.contextmanager
-def _process(name: str, argv: Sequence[str], health_url: str, cpu: str | None, log_dir: Path,
+def run_process(name: str, argv: Sequence[str], health_url: str, cpu: str | None, log_dir: Path,
              env: dict[str, str] | None = None, timeout_s: float = 90.0) -> Iterator[int]:
     log = log_dir / f"{name}.log"
     with log.open("wb") as out:
@@ -76,7 +76,7 @@ def start_engine(engine_args: Sequence[str], cpu: str | None, log_dir: Path) -> 
     port = free_port()
     argv = [sys.executable, "-m", "loadtest.fake_engine", "--port", str(port), *engine_args]
     url = f"http://127.0.0.1:{port}"
-    with _process(f"engine-{port}", argv, url + "/health", cpu, log_dir) as pid:
+    with run_process(f"engine-{port}", argv, url + "/health", cpu, log_dir) as pid:
         yield Target("direct", url, pid)
 
 
@@ -97,7 +97,8 @@ def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str |
         name = f"specgate:{variant}"
     url = f"http://127.0.0.1:{port}"
     env = {"SPECGATE_REQUEST_LOG": "false"}
-    with _process(f"{name.replace(':', '-').replace('+', '-')}-{port}", argv, url + "/ready", cpu, log_dir, env) as pid:
+    label = f"{name.replace(':', '-').replace('+', '-')}-{port}"
+    with run_process(label, argv, url + "/ready", cpu, log_dir, env) as pid:
         yield Target(name, url, pid)
 
 
@@ -106,7 +107,7 @@ def start_litellm(upstream: str, cpu: str | None, log_dir: Path) -> Iterator[Tar
     port = free_port()
     launch = peers.litellm_launch(port, upstream, log_dir)
     url = f"http://127.0.0.1:{port}"
-    with _process(f"litellm-{port}", launch.argv, url + launch.health_path, cpu, log_dir, launch.env, 180) as pid:
+    with run_process(f"litellm-{port}", launch.argv, url + launch.health_path, cpu, log_dir, launch.env, 180) as pid:
         yield Target("litellm", url, pid, note=f"litellm {peers.peer('litellm').version()}")
 
 
@@ -115,7 +116,7 @@ def start_vllm_router(upstream: str, cpu: str | None, log_dir: Path) -> Iterator
     port = free_port()
     launch = peers.vllm_router_launch(port, upstream, free_port())
     url = f"http://127.0.0.1:{port}"
-    with _process(f"vllm-router-{port}", launch.argv, url + launch.health_path, cpu, log_dir, launch.env) as pid:
+    with run_process(f"vllm-router-{port}", launch.argv, url + launch.health_path, cpu, log_dir, launch.env) as pid:
         yield Target("vllm-router", url, pid, note=f"vllm-router {peers.peer('vllm-router').version()}")
 
 

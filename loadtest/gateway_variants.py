@@ -36,7 +36,7 @@ FIXES = {
                "(gateway.relay._read_to_end made a no-op), so every request opens a new connection",
     "asyncdep": "get_services as an async dependency: FastAPI runs a sync one in its thread pool on every request",
     "gcdefault": "the opposite of the shipped collector setting, for an A/B: CPython's default thresholds after "
-                 "startup (a full collection every 10 middle ones) instead of gateway.serve's FULL_COLLECTION_AFTER",
+                 "startup (700, 10, 10) instead of gateway.serve's YOUNG_ and FULL_COLLECTION_AFTER",
     "cycles": "the opposite of the shipped unlinking, for an A/B: closed worker responses keep httpx's "
               "response <-> stream reference cycle, so their objects wait for the garbage collector",
     "leansse": "a plain ASGI streaming response instead of sse_starlette's EventSourceResponse (no anyio task group, "
@@ -56,7 +56,8 @@ def apply_fixes(fixes: Sequence[str]) -> None:
     if "gcdefault" in fixes:
         from gateway import serve
 
-        setattr(serve, "FULL_COLLECTION_AFTER", 10)  # noqa: B010 (read at startup, after this patch)
+        setattr(serve, "YOUNG_COLLECTION_AFTER", 700)  # noqa: B010 (read at startup, after this patch)
+        setattr(serve, "FULL_COLLECTION_AFTER", 10)  # noqa: B010
     if "cycles" in fixes:
         from gateway import pool, upstream
 

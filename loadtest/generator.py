@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--time-scale", type=float, default=1.0, help="trace: multiply timestamps by this")
     load = p.add_argument_group("load (bounded: --num-requests and/or --duration)")
     load.add_argument("--concurrency", type=int, default=1, help="closed loop: this many streams at once")
+    load.add_argument("--ramp-up", type=float, default=0.0, metavar="SECONDS",
+                      help="closed loop: start the streams spread over this long; requests sent meanwhile are "
+                           "delivered but not measured (steady state instead of streams in lockstep)")
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (sessions for chat)")
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
     load.add_argument("--max-concurrency", type=int, help="with --rate: cap on requests in flight")
@@ -119,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     num_requests = args.num_requests if args.num_requests or args.duration else 100
     return LoadConfig(
         base_url=args.base_url, endpoint=args.endpoint, model=args.model, workload=_workload(args),
-        concurrency=args.concurrency, rate=args.rate, burstiness=args.burstiness,
+        concurrency=args.concurrency, rate=args.rate, burstiness=args.burstiness, ramp_up_s=args.ramp_up,
         max_concurrency=args.max_concurrency, num_requests=num_requests, duration_s=args.duration,
         drain_timeout_s=args.drain_timeout, warmup_requests=args.warmup, ignore_eos=args.ignore_eos,
         continuous_usage=not args.no_continuous_usage, headers=tuple(headers),

@@ -164,3 +164,29 @@ async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counte
     assert record.output_tokens == 4 and record.first_chunk_tokens == 1
     assert [tokens for _, tokens in record.chunk_gaps] == [2, 1], "every event counted, not every write"
     assert finished == [record] and record.status == "200"
+
+
+async def test_finished_requests_leave_no_worker_response_for_the_garbage_collector() -> None:
+    # httpx's response and its stream refer to each other; the gateway unlinks them on close, so a request's
+    # objects are freed at once instead of piling up for the collector (full collections paused every stream).
+    import gc
+
+    worker = _streaming_worker(vllm_stream([1, 1, 1]))
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        await client.post("/v1/chat/completions", json={**chat, "stream": True})  # warm: lazy imports, caches
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                streamed = await client.post("/v1/chat/completions", json={**chat, "stream": True})
+                worker.on_post = lambda request: httpx.Response(200, json={"choices": [], "usage": {}})
+                completed = await client.post("/v1/chat/completions", json=chat)
+                worker.on_post = _streaming_worker(vllm_stream([1, 1, 1])).on_post
+                assert streamed.status_code == completed.status_code == 200
+            gc.collect()
+            from_workers = [o for o in gc.garbage if isinstance(o, httpx.Response) and o.request.url.host == "worker-a"]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert from_workers == []
