@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.models import default_models_dir
+from loadtest.bench_measure import host_steal
 from loadtest.harness import RESULTS, gateway, run_vllm_bench, worker
 
 ROWS = [
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
     ]
     workdir = Path(tempfile.mkdtemp(prefix="specgate-bench-"))
+    steal_before = host_steal()
     direct_runs: list[dict[str, float]] = []
     gateway_runs: list[dict[str, float]] = []
     with contextlib.ExitStack() as stack:
@@ -82,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for round_index in range(args.rounds):
             for label, url, runs in (("direct", worker_url, direct_runs), ("gateway", gateway_url, gateway_runs)):
                 runs.append(run_vllm_bench(url, bench_args, workdir / f"{label}-{round_index}.json", 1))
+    steal, ticks = (after - before for after, before in zip(host_steal(), steal_before, strict=True))
     table = side_by_side(mean_of(direct_runs), mean_of(gateway_runs), ("direct to vLLM", "through specgate"))
     command = "python -m loadtest.bench_direct_vs_gateway " + " ".join(sys.argv[1:] if argv is None else argv)
     report = (
@@ -90,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Profile `{args.profile}`, {args.num_prompts} requests, concurrency {args.concurrency}, random "
         f"dataset {args.input_len} in / {args.output_len} out tokens, ignore_eos, {args.rounds} round(s) "
         f"alternated, figures are means over rounds. Worker bound to core 0; gateway and `vllm bench` on "
-        f"core 1.\n\n{table}\n"
+        f"core 1. CPU time taken by the VM host (steal) during the run: "
+        f"{steal / ticks if ticks else 0:.1%}.\n\n{table}\n"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
