@@ -30,10 +30,6 @@ class Admission:
         self._retry_after_s = retry_after_s
         self.waiting = 0
 
-    def has_free_slot(self) -> bool:
-        """True when acquire() would return at once, with nothing to wait for and so nothing to watch."""
-        return not self._semaphore.locked()
-
     async def acquire(self) -> Ticket:
         if not self._semaphore.locked():
             await self._semaphore.acquire()
