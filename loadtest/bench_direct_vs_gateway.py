@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.models import default_models_dir
-from loadtest.bench_measure import host_steal
+from loadtest.bench_measure import host_steal, steal_share_since
 from loadtest.harness import RESULTS, gateway, run_vllm_bench, worker
 
 ROWS = [
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for round_index in range(args.rounds):
             for label, url, runs in (("direct", worker_url, direct_runs), ("gateway", gateway_url, gateway_runs)):
                 runs.append(run_vllm_bench(url, bench_args, workdir / f"{label}-{round_index}.json", 1))
-    steal, ticks = (after - before for after, before in zip(host_steal(), steal_before, strict=True))
+    steal = steal_share_since(steal_before)
     table = side_by_side(mean_of(direct_runs), mean_of(gateway_runs), ("direct to vLLM", "through specgate"))
     command = "python -m loadtest.bench_direct_vs_gateway " + " ".join(sys.argv[1:] if argv is None else argv)
     report = (
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"dataset {args.input_len} in / {args.output_len} out tokens, ignore_eos, {args.rounds} round(s) "
         f"alternated, figures are means over rounds. Worker bound to core 0; gateway and `vllm bench` on "
         f"core 1. CPU time taken by the VM host (steal) during the run: "
-        f"{steal / ticks if ticks else 0:.1%}.\n\n{table}\n"
+        f"{'unknown' if steal is None else f'{steal:.1%}'}.\n\n{table}\n"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)

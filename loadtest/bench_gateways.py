@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench_measure import host_steal, say
+from loadtest.bench_measure import host_steal, request_duration_s, say, steal_share_since
 from loadtest.bench_phases import CapacityPlan, LatencyPlan, capacity_phase, idle_phase, latency_phase
 from loadtest.bench_procs import raise_open_file_limit
 from loadtest.bench_targets import Target, missing_peer, start_engine, start_target
@@ -97,7 +97,7 @@ def ramp_up_s(args: argparse.Namespace) -> float:
     """Stagger streams over one request's duration, so their starts (and ends) spread evenly over time."""
     if args.ramp_up_s is not None:
         return float(args.ramp_up_s)
-    return (args.ttft_ms + args.gap_ms * args.output_len) / 1000
+    return request_duration_s(args.ttft_ms, args.gap_ms, args.output_len)
 
 
 async def _run(phase: str, args: argparse.Namespace, targets: Sequence[Target], engine: Target) -> list[Any]:
@@ -138,8 +138,7 @@ def run_phase(phase: str, args: argparse.Namespace, command: str) -> dict[str, A
             targets = targets[1:]
         say(f"{phase}: engine {' '.join(engine_args(args, phase))}; targets {', '.join(t.name for t in targets)}")
         rows = uvloop.run(_run(phase, args, targets, engine))
-    steal, ticks = (after - before for after, before in zip(host_steal(), steal_before, strict=True))
-    data = {"phase": phase, "command": command, "host_steal": steal / ticks if ticks else None,
+    data = {"phase": phase, "command": command, "host_steal": steal_share_since(steal_before),
             "started_at": started, "duration_s": time.time() - started,
             "engine_args": engine_args(args, phase), "targets": [t.name for t in targets],
             "notes": [t.note for t in targets if t.note and t.name != "direct"], "skipped": skipped,

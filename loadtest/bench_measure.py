@@ -62,6 +62,17 @@ def host_steal() -> tuple[int, int]:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
+def steal_share_since(before: tuple[int, int]) -> float | None:
+    """The share of this machine's CPU time the host took since `before` (a host_steal() reading)."""
+    steal, ticks = (after - earlier for after, earlier in zip(host_steal(), before, strict=True))
+    return steal / ticks if ticks else None
+
+
+def request_duration_s(ttft_ms: float, gap_ms: float, output_len: int) -> float:
+    """One fake-engine request's duration: a ramp-up over it spreads closed-loop streams evenly."""
+    return (ttft_ms + gap_ms * output_len) / 1000
+
+
 def self_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

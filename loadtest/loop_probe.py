@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench_measure import load_config, say
+from loadtest.bench_measure import load_config, request_duration_s, say
 from loadtest.bench_procs import free_port, raise_open_file_limit
 from loadtest.bench_targets import run_process, start_engine
 from loadtest.runner import run_scenario
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         stack.enter_context(run_process(f"gateway-probe-{port}", child, url + "/ready", args.gateway_cpu or None,
                                      args.out_dir, {"SPECGATE_REQUEST_LOG": "false"}))
-        ramp_up_s = (args.ttft_ms + args.gap_ms * args.output_len) / 1000
+        ramp_up_s = request_duration_s(args.ttft_ms, args.gap_ms, args.output_len)
         config = load_config(url, args.concurrency, output_len=args.output_len, ramp_up_s=ramp_up_s,
                              duration_s=args.seconds, label="loop probe", progress=False)
         say(f"{args.concurrency} streams for {args.seconds:g} s through the probed gateway")

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtest.bench_measure import load_config, say
+from loadtest.bench_measure import load_config, request_duration_s, say
 from loadtest.bench_procs import pinned, raise_open_file_limit
 from loadtest.bench_targets import start_engine, start_target
 from loadtest.runner import run_scenario
@@ -102,7 +102,7 @@ def markdown(counts: dict[str, Counter[str]], command: str, setup: str, top: int
 
 async def _load(url: str, args: argparse.Namespace) -> dict[str, float]:
     # Streams start spread over one request's duration (within the warm-up): steady state, not lockstep bursts.
-    ramp_up_s = min((args.ttft_ms + args.gap_ms * args.output_len) / 1000, args.warmup_s)
+    ramp_up_s = min(request_duration_s(args.ttft_ms, args.gap_ms, args.output_len), args.warmup_s)
     config = load_config(url, args.concurrency, output_len=args.output_len, ramp_up_s=ramp_up_s,
                          duration_s=args.warmup_s + args.seconds + 1, label="profile load", progress=False)
     result = await run_scenario(config)
