@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from sse_starlette import EventSourceResponse
@@ -28,8 +28,8 @@ from gateway.errors import ClientDisconnected
 class RelayEventStream(EventSourceResponse):
     """`content` streams to the client; `after` runs once the response is complete, whatever ended it."""
 
-    def __init__(self, content: AsyncIterator[bytes], *, watch: ClientWatch, after: Callable[[], Awaitable[None]],
-                 **kwargs: Any) -> None:
+    def __init__(self, content: AsyncGenerator[bytes, None], *, watch: ClientWatch,
+                 after: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._content = content
         self._watch = watch
@@ -53,7 +53,7 @@ class RelayEventStream(EventSourceResponse):
                 self._send_watchdog.stop()
             await self._watch.stop()
             with contextlib.suppress(Exception):
-                await self._content.aclose()  # type: ignore[attr-defined]  # an async generator
+                await self._content.aclose()
             await self._after()
 
     async def _stream_response(self, send: Send) -> None:

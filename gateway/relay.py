@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import httpx
@@ -85,7 +85,7 @@ class Relay:
         self._ended = False
         self._settled = False
 
-    async def events(self) -> AsyncIterator[bytes]:
+    async def events(self) -> AsyncGenerator[bytes, None]:
         """The client's stream. Cancelled on client disconnect; the finally closes the worker request."""
         stream, record, usage, clock = self._stream, self._record, self._usage, self._clock
         finished = False
