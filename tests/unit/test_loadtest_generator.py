@@ -31,7 +31,9 @@ def base(url: str, **overrides: object) -> LoadConfig:
 
 
 def test_metrics_follow_vllm_bench_definitions() -> None:
-    ttft, gap, tokens = 0.040, 0.008, 16
+    # The gap is wide so that TTFT measured to the first event (the role chunk, as vllm bench does) and
+    # TTFT measured to the first content token (one gap later) stay apart on a loaded CI machine.
+    ttft, gap, tokens = 0.040, 0.025, 16
     with run_in_thread(FakeEngineConfig(ttft_s=ttft, gap_s=gap)) as url:
         result = run(base(url, concurrency=2, num_requests=6, ignore_eos=True))
     assert [r.kind for r in result.records] == ["ok"] * 6
@@ -46,13 +48,15 @@ def test_metrics_follow_vllm_bench_definitions() -> None:
         tpot = record.tpot_s
         assert tpot is not None
         assert abs(record.latency_s - (record.ttft_s + (tokens - 1) * tpot)) < 1e-9
-    # Timing tolerances on medians: a loaded machine may delay one event, not the typical one.
-    assert ttft - 0.001 < statistics.median(r.ttft_s or 0 for r in result.records) < ttft + 0.008
-    assert abs(statistics.median(r.tpot_s or 0 for r in result.records) - gap) < 0.001
+    # A loaded VM stalls the whole process for tens of ms at a time (host steal), which only ever delays a
+    # reading; so the earliest TTFT and the TPOT nearest the engine's gap must match its schedule. TTFT taken to
+    # the first content token instead would put every reading a whole gap late.
+    assert ttft - 0.001 < min(r.ttft_s or 0 for r in result.records) < ttft + gap / 2
+    assert min(abs((r.tpot_s or 0) - gap) for r in result.records) < 0.001
     assert abs(statistics.median(g for r in result.records for g in r.itl_s[1:]) - gap) < 0.0015
     summary = result.summary
     assert summary["requests"] == {"total": 6, "completed": 6, "failed": 0, "cancelled": 0, "ramp_up": 0}
-    assert abs(summary["tpot_ms"]["mean"] - gap * 1000) < 1.2
+    assert summary["tpot_ms"]["mean"] == pytest.approx(1000 * statistics.mean(r.tpot_s or 0 for r in result.records))
     assert summary["total_output_tokens"] == 6 * tokens
     assert summary["output_throughput"] == pytest.approx(6 * tokens / result.duration_s)
 
