@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from gateway.admission import Admission
 from gateway.api import router
@@ -20,6 +21,7 @@ from gateway.auth import ApiKeyMiddleware
 from gateway.dispatch import Dispatcher
 from gateway.drain import Drainer
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.eventstream import TRANSPORT_SEND
 from gateway.metrics import Metrics
 from gateway.pool import PoolTiming, WorkerPool
 from gateway.requestid import RequestIdMiddleware
@@ -30,6 +32,14 @@ from gateway.upstream import Upstream, build_client
 logger = logging.getLogger("specgate.gateway")
 
 CLIENT_CLOSED_STATUS = 499
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, with the server's own `send` kept in the scope for response bodies (gateway/eventstream.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[TRANSPORT_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -80,7 +90,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await health
 
-    app = FastAPI(title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = GatewayApp(title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.drainer = drainer
     app.include_router(router)
     app.add_exception_handler(GatewayError, _gateway_error)  # type: ignore[arg-type]

@@ -1,120 +1,101 @@
-"""Timing stage: bounds on the relay's per-event waits without a timer per wait.
+"""Timing stage: bounds on a stream's per-event waits, with one timer per stream and no wrapper per wait.
 
-`asyncio.timeout` builds a Timeout and schedules and cancels a timer handle every time it is entered. Around
-each upstream read and each client write of a stream that was ~7 % of the gateway's CPU under load
-(loadtest/results/profile.md), for bounds that almost never fire. Here a stream arms one timer: a deadline
-(`Deadline`, for the shutdown drain) or a periodic watchdog (`WaitWatchdog`, for a reader that stops taking
-bytes). Either cancels the waiting task when its bound passes, and the wait raises TimeoutError instead, as
-`asyncio.timeout` would.
+`asyncio.timeout` builds a Timeout and schedules and cancels a timer handle every time it is entered, and a
+coroutine wrapped around each wait costs a frame per event; around each upstream read and each client write
+of a stream that was several percent of the gateway's CPU under load (loadtest/results/profile.md), for
+bounds that almost never fire. A `WaitGuard` arms one periodic timer per stream instead, and the wait it
+bounds stays a plain `await` between `begin()` and `end()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
-async def _await_cuttable(awaitable: Awaitable[T], task: asyncio.Task[object], cut: set[asyncio.Task[object]]) -> T:
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        # Only our own cancel becomes a TimeoutError; one from anywhere else (the client left) stays a cancel.
-        if task in cut:
-            cut.discard(task)
-            if task.uncancel() == 0:
-                raise TimeoutError from None
-        raise
+class WaitTooLong(TimeoutError):
+    """One wait lasted longer than the guard's limit."""
 
 
-class Deadline:
-    """A loop time after which waits fail: a wait in progress is cut then, later ones fail at once."""
+class DeadlinePassed(TimeoutError):
+    """The guard's deadline passed (the gateway's shutdown drain)."""
 
-    __slots__ = ("_cut", "_handle", "_waiting", "passed")
 
-    def __init__(self) -> None:
-        self.passed = False
-        self._waiting: asyncio.Task[object] | None = None
-        self._handle: asyncio.TimerHandle | None = None
-        self._cut: set[asyncio.Task[object]] = set()
+class WaitGuard:
+    """Bounds the successive waits of one task (the first to begin one): each at most `limit_s` (checked every quarter of it), and none
+    after a deadline set by `end_by` (a wait in progress then is cut). Used inline around each wait:
 
-    def set(self, when: float) -> None:
-        """Called on the event loop's thread (the drainer schedules itself there)."""
-        if self._handle is not None:
-            self._handle.cancel()
-        self._handle = asyncio.get_running_loop().call_at(when, self._fire)
-
-    def clear(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _fire(self) -> None:
-        self._handle = None
-        self.passed = True
-        if self._waiting is not None and not self._waiting.done():
-            self._cut.add(self._waiting)
-            self._waiting.cancel()
-
-    async def wait(self, awaitable: Awaitable[T]) -> T:
-        if self.passed:
-            # The deadline has passed; close the awaitable we will not await (a coroutine would warn).
-            close = getattr(awaitable, "close", None)
-            if close is not None:
-                close()
-            raise TimeoutError
-        task = asyncio.current_task()
-        assert task is not None
-        self._waiting = task
+        guard.begin()              # raises DeadlinePassed once the deadline has passed
         try:
-            return await _await_cuttable(awaitable, task, self._cut)
+            chunk = await read()
+        except asyncio.CancelledError:
+            guard.raise_if_cut()   # the guard's own cancel becomes WaitTooLong or DeadlinePassed
+            raise                  # any other cancel (the client left) stays a cancel
         finally:
-            self._waiting = None
+            guard.end()
 
+    `close()` stops its timers; a guard that was never begun holds none.
+    """
 
-class WaitWatchdog:
-    """Cuts any wait that lasts longer than `limit_s`, checked every quarter of the limit by one timer."""
+    __slots__ = ("_cut", "_deadline", "_loop", "_since", "_task", "_watch", "limit_s", "passed")
 
-    __slots__ = ("_cut", "_handle", "_loop", "_waiting", "limit_s")
-
-    def __init__(self, limit_s: float) -> None:
+    def __init__(self, limit_s: float | None = None) -> None:
         self.limit_s = limit_s
+        self.passed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiting: dict[asyncio.Task[object], float] = {}
-        self._handle: asyncio.TimerHandle | None = None
-        self._cut: set[asyncio.Task[object]] = set()
+        self._task: asyncio.Task[object] | None = None
+        self._since: float | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._cut: type[TimeoutError] | None = None
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._schedule()
+    def begin(self) -> None:
+        if self.passed:
+            raise DeadlinePassed
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            if self.limit_s is not None:
+                self._watch = loop.call_later(self.limit_s / 4, self._check)
+            self._task = asyncio.current_task()
+        self._since = loop.time()
 
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._loop = None
+    def end(self) -> None:
+        self._since = None
 
-    def _schedule(self) -> None:
-        assert self._loop is not None
-        self._handle = self._loop.call_later(self.limit_s / 4, self._check)
+    def raise_if_cut(self) -> None:
+        """In a CancelledError handler: if this guard made the cancel, take it back and raise its timeout."""
+        cut, self._cut = self._cut, None
+        if cut is not None and self._task is not None and self._task.uncancel() == 0:
+            raise cut
+
+    def end_by(self, when: float) -> None:
+        """Set the deadline (a loop time); called on the event loop's thread."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = asyncio.get_running_loop().call_at(when, self._deadline_passed)
+
+    def close(self) -> None:
+        for handle in (self._watch, self._deadline):
+            if handle is not None:
+                handle.cancel()
+        self._watch = self._deadline = None
+        self._since = None
 
     def _check(self) -> None:
-        assert self._loop is not None
-        now = self._loop.time()
-        for task, since in list(self._waiting.items()):
-            if now - since >= self.limit_s and task not in self._cut:
-                self._cut.add(task)
-                task.cancel()
-        self._schedule()
+        assert self._loop is not None and self.limit_s is not None
+        since = self._since
+        if since is not None and self._loop.time() - since >= self.limit_s:
+            self._cut_wait(WaitTooLong)
+        self._watch = self._loop.call_later(self.limit_s / 4, self._check)
 
-    async def wait(self, awaitable: Awaitable[T]) -> T:
-        task = asyncio.current_task()
-        if self._loop is None or task is None:
-            return await awaitable  # not started: nothing to watch with
-        self._waiting[task] = self._loop.time()
-        try:
-            return await _await_cuttable(awaitable, task, self._cut)
-        finally:
-            self._waiting.pop(task, None)
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        self.passed = True
+        if self._since is not None:
+            self._cut_wait(DeadlinePassed)
+
+    def _cut_wait(self, timeout: type[TimeoutError]) -> None:
+        task = self._task
+        if self._cut is None and task is not None and not task.done():
+            self._cut = timeout
+            task.cancel()

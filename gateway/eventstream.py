@@ -7,6 +7,11 @@ client is watched by the request's one ClientWatch (gateway/disconnect.py), one 
 (gateway/cutoff.py), and only the ping runs beside it. sse-starlette's shutdown listener is not started: the
 gateway's drainer ends streams on shutdown with an error event (gateway/drain.py). The event framing, pings
 and send lock are sse-starlette's.
+
+The response start goes through the whole middleware chain (it stamps the request id); the body goes straight
+to the server's `send` (`TRANSPORT_SEND`, put in the scope by the app): the four wrappers between them
+(Starlette's error and exception middleware twice, the request id) only act on the start, and cost a
+coroutine each per event.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from gateway.cutoff import WaitWatchdog
+from gateway.cutoff import WaitGuard, WaitTooLong
 from gateway.disconnect import ClientWatch
 from gateway.errors import ClientDisconnected
+
+TRANSPORT_SEND = "specgate.transport_send"
 
 
 class RelayEventStream(EventSourceResponse):
@@ -34,43 +41,44 @@ class RelayEventStream(EventSourceResponse):
         self._content = content
         self._watch = watch
         self._after = after
-        self._send_watchdog = WaitWatchdog(self.send_timeout) if self.send_timeout else None
+        # A reader that takes no bytes for send_timeout is cut: one write waits that long under flow control.
+        self._send_guard = WaitGuard(self.send_timeout if self.send_timeout else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ping = asyncio.get_running_loop().create_task(self._ping(send)) if self.ping_interval > 0 else None
-        if self._send_watchdog is not None:
-            self._send_watchdog.start()
+        body_send: Send = scope.get(TRANSPORT_SEND, send)
+        ping = asyncio.get_running_loop().create_task(self._ping(body_send)) if self.ping_interval > 0 else None
         try:
             with self._watch.guard():
-                await self._stream_response(send)
+                await self._send_stream(send, body_send)
         except ClientDisconnected:
             pass  # the relay saw the cancellation and closed the worker request
         finally:
             self.active = False
             if ping is not None:
                 ping.cancel()
-            if self._send_watchdog is not None:
-                self._send_watchdog.stop()
+            self._send_guard.close()
             await self._watch.stop()
             with contextlib.suppress(Exception):
                 await self._content.aclose()
             await self._after()
 
-    async def _stream_response(self, send: Send) -> None:
+    async def _send_stream(self, send: Send, body_send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        guard = self._send_guard
         async for chunk in self._content:  # the relay's bytes, framed already
-            await self._send_with_timeout(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+            guard.begin()
+            try:
+                await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except asyncio.CancelledError:
+                try:
+                    guard.raise_if_cut()
+                except WaitTooLong:
+                    raise SendTimeoutError() from None
+                raise
+            finally:
+                guard.end()
         async with self._send_lock:
             self.active = False
             # Stopped first: uvicorn answers receive() with a disconnect once the response is complete.
             await self._watch.stop()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        if self._send_watchdog is None:
-            await send(message)
-            return
-        try:
-            await self._send_watchdog.wait(send(message))
-        except TimeoutError:
-            raise SendTimeoutError() from None
+            await body_send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -6,12 +6,13 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+import aiohttp
 import httpx
 
-from gateway.errors import GatewayError, ShuttingDown, UpstreamFailed
+from gateway.errors import GatewayError, UpstreamFailed
 from gateway.metrics import RequestRecord
 from gateway.sse import SEPARATOR, Event, encode_data
-from gateway.upstream import OpenStream, map_transport_error
+from gateway.upstream import OpenStream
 
 DONE_EVENT = b"data: [DONE]\n\n"
 DISCONNECTED_STATUS = "499"
@@ -129,14 +130,9 @@ class Relay:
                     finished = self._clean_end = True
                     record.finished_at = clock()
                     return
-                try:
-                    chunk = await stream.next_chunk()
-                except StopAsyncIteration:
-                    raise UpstreamFailed("worker closed the stream before [DONE]") from None
-                except httpx.HTTPError as exc:
-                    raise map_transport_error(exc) from exc
-                except TimeoutError:
-                    raise ShuttingDown("the gateway is shutting down; retry the request") from None
+                chunk = await stream.next_chunk()
+                if not chunk:
+                    raise UpstreamFailed("worker closed the stream before [DONE]")
                 arrived_at = clock()
                 pending = [Event.parse(raw) for raw in stream.splitter.feed(chunk)]
         except GatewayError as exc:
@@ -185,7 +181,7 @@ async def _read_to_end(stream: OpenStream) -> None:
     being closed (a new TCP connection per request otherwise)."""
     try:
         async with asyncio.timeout(BODY_END_WAIT_S):
-            async for _ in stream.chunks:
+            while await stream.read():
                 pass
-    except (TimeoutError, httpx.HTTPError):
+    except (TimeoutError, httpx.HTTPError, aiohttp.ClientError):
         pass

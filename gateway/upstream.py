@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import anyio
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import AiohttpResponseStream
 
-from gateway.cutoff import Deadline
-from gateway.errors import GatewayError, NoWorkerAvailable, UpstreamFailed, UpstreamRejected, UpstreamTimeout
+from gateway.cutoff import DeadlinePassed, WaitGuard, WaitTooLong
+from gateway.errors import (
+    GatewayError,
+    NoWorkerAvailable,
+    ShuttingDown,
+    UpstreamFailed,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
 from gateway.settings import GatewaySettings
 from gateway.sse import Event, EventSplitter
 
@@ -59,34 +67,82 @@ def build_client(settings: GatewaySettings, transport: httpx.AsyncBaseTransport 
     )
 
 
+Read = Callable[[], Awaitable[bytes]]  # the next network chunk of a body; b"" at its end
+
+
 @dataclass(eq=False)
 class OpenStream:
     """A worker stream whose status was 200 and whose first event has arrived."""
 
     response: httpx.Response
-    chunks: AsyncIterator[bytes]
+    read: Read
     splitter: EventSplitter
     first_events: list[Event]
     sent_at: float
     first_event_at: float
     closed: bool = field(default=False)
-    # Set by the drainer: the loop time by which this stream must end (gateway shutdown).
-    deadline: Deadline = field(default_factory=Deadline)
+    # Bounds each read by the idle timeout and, once the drainer sets one, by the shutdown deadline.
+    guard: WaitGuard = field(default_factory=WaitGuard)
 
     async def next_chunk(self) -> bytes:
-        """The next network chunk; a TimeoutError here means the shutdown deadline passed."""
-        return await self.deadline.wait(anext(self.chunks))
+        """The next network chunk, b"" at the end of the body; every failure as one of the gateway's errors."""
+        guard = self.guard
+        try:
+            guard.begin()
+            try:
+                return await self.read()
+            except asyncio.CancelledError:
+                guard.raise_if_cut()
+                raise
+            finally:
+                guard.end()
+        except DeadlinePassed:
+            raise ShuttingDown("the gateway is shutting down; retry the request") from None
+        except WaitTooLong:
+            raise UpstreamTimeout(f"worker sent nothing for {guard.limit_s:g}s") from None
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
+            raise map_transport_error(exc) from exc
 
     def end_by(self, deadline: float) -> None:
-        self.deadline.set(deadline)
+        self.guard.end_by(deadline)
 
     async def aclose(self) -> None:
         """Close the worker connection; shielded so a cancelled caller still makes vLLM abort."""
         if self.closed:
             return
         self.closed = True
-        self.deadline.clear()
+        self.guard.close()
         await close_response(self.response)
+
+
+def reader_of(chunks: AsyncIterator[bytes]) -> Read:
+    """A Read over an async iterator of chunks (httpx's, or a test's)."""
+    async def read() -> bytes:
+        try:
+            return await anext(chunks)
+        except StopAsyncIteration:
+            return b""
+
+    return read
+
+
+def body_reader(response: httpx.Response) -> Read:
+    """How the relay reads a worker's streamed body.
+
+    Over the aiohttp transport with identity encoding (what workers are asked for), straight from aiohttp's
+    reader: each chunk then costs one call instead of a resumption of five layered iterators (httpx's raw
+    iterator, its client's bound stream, httpx-aiohttp's generator, aiohttp's chunk iterator and read), none of
+    which the relay needs. Any other transport (httpcore, a test's MockTransport), a compressed body or one
+    already read goes through httpx's iterators.
+    """
+    encoding = response.headers.get("content-encoding", "identity")
+    if encoding == "identity" and not response.is_stream_consumed:
+        inner = getattr(response.stream, "_stream", None)  # httpx.AsyncClient binds the transport's stream
+        if isinstance(inner, AiohttpResponseStream):
+            content: aiohttp.StreamReader = inner._aiohttp_response.content
+            return content.readany
+        return reader_of(response.aiter_raw())
+    return reader_of(response.aiter_bytes())
 
 
 class Upstream:
@@ -96,7 +152,9 @@ class Upstream:
         self._client = client
         self._settings = settings
         self._clock = clock
-        self._stream_timeout = client.timeout.as_dict()
+        # No read timeout on streams: aiohttp would re-arm a timer on every chunk (~3.5 µs each); each stream's
+        # WaitGuard bounds its reads instead, and open_stream bounds the wait for the first event.
+        self._stream_timeout = {**client.timeout.as_dict(), "read": None}
         self._complete_timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s).as_dict()
         self._urls: dict[tuple[str, str], httpx.URL] = {}
 
@@ -124,17 +182,16 @@ class Upstream:
                 response = await _send(self._client, request, stream=True)
                 if response.status_code != 200:
                     raise await _status_error(response)
-                # Workers are asked for identity encoding: the raw stream skips httpx's decoding layer, kept for a
-                # worker that compresses anyway and for a body already read (a test transport's).
-                identity = response.headers.get("content-encoding", "identity") == "identity"
-                raw = identity and not response.is_stream_consumed
-                chunks = response.aiter_raw() if raw else response.aiter_bytes()
+                read = body_reader(response)
                 splitter = EventSplitter()
                 events: list[Event] = []
                 while not events:
-                    chunk = await anext(chunks)
+                    chunk = await read()
+                    if not chunk:
+                        raise StopAsyncIteration
                     events = [Event.parse(raw) for raw in splitter.feed(chunk)]
-            return OpenStream(response, chunks, splitter, events, sent_at, self._clock())
+            guard = WaitGuard(self._settings.stream_idle_timeout_s)
+            return OpenStream(response, read, splitter, events, sent_at, self._clock(), guard=guard)
         except BaseException as exc:
             if response is not None:
                 await close_response(response)
@@ -142,7 +199,7 @@ class Upstream:
                 raise UpstreamFailed("worker closed the stream before its first event") from None
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout(f"no first event from the worker within {limit:g}s") from None
-            if isinstance(exc, httpx.HTTPError):
+            if isinstance(exc, (httpx.HTTPError, aiohttp.ClientError)):
                 raise map_transport_error(exc) from exc
             raise
 
@@ -205,10 +262,16 @@ async def _status_error(response: httpx.Response) -> GatewayError:
     return UpstreamFailed(f"worker answered {status}: {detail}")
 
 
-def map_transport_error(exc: httpx.HTTPError) -> GatewayError:
-    # httpx_aiohttp reports every aiohttp connection error, a worker hanging up included, as ConnectTimeout.
-    if isinstance(exc.__cause__, aiohttp.ServerDisconnectedError):
+def map_transport_error(exc: httpx.HTTPError | aiohttp.ClientError) -> GatewayError:
+    # httpx_aiohttp reports every aiohttp connection error, a worker hanging up included, as ConnectTimeout;
+    # a body read straight from aiohttp (body_reader) raises aiohttp's own errors.
+    cause = exc if isinstance(exc, aiohttp.ClientError) else exc.__cause__
+    if isinstance(cause, aiohttp.ServerDisconnectedError):
         return UpstreamFailed("worker closed the connection")
+    if isinstance(cause, aiohttp.ClientPayloadError):
+        return UpstreamFailed(f"worker closed or reset the connection mid-body ({cause})")
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamFailed(f"worker connection failed: {type(exc).__name__}: {exc}")
     if isinstance(exc, httpx.TimeoutException):
         if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
             return UpstreamFailed(f"could not connect to worker in time: {type(exc).__name__}")

@@ -89,7 +89,7 @@ def apply_fixes(fixes: Sequence[str]) -> None:
             if not self.closed:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(0.05):
-                        async for _ in self.chunks:
+                        while await self.read():
                             pass
             await close(self)
 

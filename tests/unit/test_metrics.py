@@ -9,7 +9,7 @@ import pytest
 from gateway.metrics import Metrics, RequestRecord
 from gateway.relay import Relay, UsageFilter
 from gateway.sse import Event, EventSplitter
-from gateway.upstream import OpenStream
+from gateway.upstream import OpenStream, reader_of
 from tests.unit.fakes import vllm_stream
 
 pytestmark = pytest.mark.anyio
@@ -64,7 +64,7 @@ async def test_relay_stamps_ttft_per_token_and_per_chunk_gaps_from_usage() -> No
     splitter = EventSplitter()
     stream = OpenStream(
         response=_Response(),  # type: ignore[arg-type]
-        chunks=_chunks(rest),
+        read=reader_of(_chunks(rest)),
         splitter=splitter,
         first_events=[Event.parse(first.rstrip(b"\n"))],
         sent_at=9.9,
