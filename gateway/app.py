@@ -27,7 +27,7 @@ from gateway.pool import PoolTiming, WorkerPool
 from gateway.requestid import RequestIdMiddleware
 from gateway.services import Services
 from gateway.settings import GatewaySettings
-from gateway.upstream import Upstream, build_client
+from gateway.upstream import Upstream, build_client, build_transport
 
 logger = logging.getLogger("specgate.gateway")
 
@@ -60,7 +60,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        async with build_client(settings, transport) as client:
+        upstream_transport = transport or build_transport(settings)
+        async with build_client(settings, upstream_transport) as client:
             pool = WorkerPool(settings.workers, client, metrics, clock, timing)
             await pool.start()
             drainer.bind(asyncio.get_running_loop())
@@ -73,7 +74,7 @@ def create_app(
                 clock=clock,
                 metrics=metrics,
                 pool=pool,
-                upstream=Upstream(client, settings, clock),
+                upstream=Upstream(upstream_transport, settings, clock),
                 admission=admission,
                 dispatcher=Dispatcher(
                     pool, settings.routing, settings.routing_per_model, metrics,

@@ -21,8 +21,8 @@ class DeadlinePassed(TimeoutError):
 
 
 class WaitGuard:
-    """Bounds the successive waits of one task (the first to begin one): each at most `limit_s` (checked every quarter of it), and none
-    after a deadline set by `end_by` (a wait in progress then is cut). Used inline around each wait:
+    """Bounds the successive waits of one task (the first to begin one): each at most `limit_s` (checked every
+    quarter of it), and none after a deadline set by `end_by` (a wait in progress then is cut). Used inline:
 
         guard.begin()              # raises DeadlinePassed once the deadline has passed
         try:

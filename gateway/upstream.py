@@ -53,18 +53,18 @@ def build_transport(settings: GatewaySettings) -> httpx.AsyncBaseTransport:
     return AiohttpTransport(limits=limits, trust_env=False)
 
 
-def build_client(settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """One pooled client for all workers; tests hand in a MockTransport."""
-    # The read timeout acts per read, so on a stream it is an idle timeout, not a cap on its length.
-    timeout = httpx.Timeout(
+def client_timeout(settings: GatewaySettings) -> httpx.Timeout:
+    return httpx.Timeout(
         connect=settings.connect_timeout_s,
         read=settings.stream_idle_timeout_s,
         write=settings.connect_timeout_s,
         pool=settings.connect_timeout_s,
     )
-    return httpx.AsyncClient(
-        timeout=timeout, transport=transport or build_transport(settings), trust_env=False
-    )
+
+
+def build_client(settings: GatewaySettings, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+    """The client for the pool's own calls to workers (health, models, metrics); it owns and closes `transport`."""
+    return httpx.AsyncClient(timeout=client_timeout(settings), transport=transport, trust_env=False)
 
 
 Read = Callable[[], Awaitable[bytes]]  # the next network chunk of a body; b"" at its end
@@ -137,24 +137,29 @@ def body_reader(response: httpx.Response) -> Read:
     """
     encoding = response.headers.get("content-encoding", "identity")
     if encoding == "identity" and not response.is_stream_consumed:
-        inner = getattr(response.stream, "_stream", None)  # httpx.AsyncClient binds the transport's stream
-        if isinstance(inner, AiohttpResponseStream):
-            content: aiohttp.StreamReader = inner._aiohttp_response.content
+        if isinstance(response.stream, AiohttpResponseStream):
+            content: aiohttp.StreamReader = response.stream._aiohttp_response.content
             return content.readany
         return reader_of(response.aiter_raw())
     return reader_of(response.aiter_bytes())
 
 
 class Upstream:
-    """Sends one request to one worker and maps every failure onto the gateway's error tree."""
+    """Sends one request to one worker and maps every failure onto the gateway's error tree.
 
-    def __init__(self, client: httpx.AsyncClient, settings: GatewaySettings, clock: Callable[[], float]) -> None:
-        self._client = client
+    Requests go straight to the transport: httpx.AsyncClient.send would add its cookie jar (parsing every
+    response's headers for cookies, ~2 % of the gateway's CPU on short requests), redirect and auth handling
+    and a timing wrapper around the body, none of which a worker call uses.
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, settings: GatewaySettings,
+                 clock: Callable[[], float]) -> None:
+        self._transport = transport
         self._settings = settings
         self._clock = clock
         # No read timeout on streams: aiohttp would re-arm a timer on every chunk (~3.5 µs each); each stream's
         # WaitGuard bounds its reads instead, and open_stream bounds the wait for the first event.
-        self._stream_timeout = {**client.timeout.as_dict(), "read": None}
+        self._stream_timeout = {**client_timeout(settings).as_dict(), "read": None}
         self._complete_timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s).as_dict()
         self._urls: dict[tuple[str, str], httpx.URL] = {}
 
@@ -179,7 +184,7 @@ class Upstream:
         response: httpx.Response | None = None
         try:
             async with asyncio.timeout(limit):
-                response = await _send(self._client, request, stream=True)
+                response = await _send(self._transport, request)
                 if response.status_code != 200:
                     raise await _status_error(response)
                 read = body_reader(response)
@@ -206,7 +211,7 @@ class Upstream:
     async def complete(self, worker_url: str, path: str, body: bytes, request_id: str) -> httpx.Response:
         """A non-streaming call: the whole answer, read, with status 200."""
         request = self._request(worker_url, path, body, request_id, self._complete_timeout)
-        response = await _send(self._client, request, stream=True)
+        response = await _send(self._transport, request)
         try:
             if response.status_code != 200:
                 raise await _status_error(response)
@@ -221,10 +226,12 @@ class Upstream:
 async def close_response(response: httpx.Response) -> None:
     """Close a worker response, shielded so a cancelled caller still makes vLLM abort, and unlink its stream.
 
-    httpx's stream refers back to its response: a reference cycle that keeps each request's ~26 objects
-    (aiohttp's response and reader among them) alive until a garbage collection. Requests outlive the young
-    generations, so that garbage piled up for full collections, which freed thousands of objects at once:
-    pauses of ~30 ms for every open stream (loadtest/results/profile.md). Unlinked, it is freed at once.
+    A response that went through httpx.AsyncClient has its stream bound back to it: a reference cycle that
+    kept each request's ~26 objects (aiohttp's response and reader among them) alive until a garbage
+    collection. Requests outlive the young generations, so that garbage piled up for full collections, which
+    freed thousands of objects at once: pauses of ~30 ms for every open stream (loadtest/results/profile.md).
+    Worker calls now go straight to the transport, which makes no such cycle; unlinking keeps any response
+    (a test transport's, a future client path) from holding its body's objects after the close.
     """
     with anyio.CancelScope(shield=True):
         await response.aclose()
@@ -238,9 +245,9 @@ async def fetch(client: httpx.AsyncClient, url: str, timeout_s: float) -> httpx.
     return response
 
 
-async def _send(client: httpx.AsyncClient, request: httpx.Request, *, stream: bool) -> httpx.Response:
+async def _send(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:
     try:
-        return await client.send(request, stream=stream)
+        return await transport.handle_async_request(request)
     except httpx.HTTPError as exc:
         raise map_transport_error(exc) from exc
 
