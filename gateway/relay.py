@@ -98,27 +98,28 @@ class Relay:
             while True:
                 # Events that came in one upstream read leave in one write: none waits for another, and under
                 # load the per-write cost (ASGI send, syscall) is paid once per read instead of once per event.
-                batch: list[bytes] = []
+                out = b""
                 content_tokens: list[int] = []
                 failed = False
                 for event in pending:
-                    content = event.has_content()
-                    tokens = usage.tokens_in(event.payload, record, content) if event.payload else 0
-                    if record.upstream_first_token_at is None and (content or tokens):
+                    payload = event.payload
+                    tokens = usage.tokens_in(payload, record, event.has_content) if payload else 0
+                    counted = event.has_content or tokens
+                    if counted and record.upstream_first_token_at is None:
                         record.upstream_first_token_at = arrived_at
-                    out = usage.client_bytes(event)
-                    if out is None:
+                    piece = usage.client_bytes(event)
+                    if piece is None:
                         continue
-                    batch.append(out)
-                    if content or tokens:
+                    out = out + piece if out else piece
+                    if counted:
                         content_tokens.append(tokens)
                     if event.is_error:
                         failed = True
                         break
                     if event.is_done:
                         saw_done = True
-                if batch:
-                    yield batch[0] if len(batch) == 1 else b"".join(batch)
+                if out:
+                    yield out
                     now = clock()
                     for tokens in content_tokens:
                         record.on_content(now, tokens)

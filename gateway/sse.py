@@ -20,6 +20,12 @@ class EventSplitter:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if not self._buffer and chunk.endswith(SEPARATOR) and chunk.find(SEPARATOR) == len(chunk) - 2:
+            # The usual read: exactly one whole event.
+            return [chunk[:-2]] if b"\r" not in chunk and len(chunk) > 2 else self._feed(chunk)
+        return self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> list[bytes]:
         if b"\r" in chunk:
             # Both separators are legal SSE; vLLM sends \n, some servers \r\n.
             chunk = chunk.replace(b"\r\n", b"\n")
@@ -45,6 +51,8 @@ class Event:
     payload: dict[str, Any] | None = None
     is_done: bool = False
     is_comment: bool = False
+    is_error: bool = False
+    has_content: bool = False  # a choice carries generated text, reasoning or a tool call
 
     @classmethod
     def parse(cls, raw: bytes) -> Event:
@@ -59,23 +67,19 @@ class Event:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
             return cls(raw)
-        return cls(raw, payload if isinstance(payload, dict) else None)
+        if not isinstance(payload, dict):
+            return cls(raw)
+        return cls(raw, payload, is_error="error" in payload, has_content=_has_content(payload))
 
-    @property
-    def is_error(self) -> bool:
-        return self.payload is not None and "error" in self.payload
 
-    def has_content(self) -> bool:
-        """True when a choice carries generated text, reasoning or a tool call."""
-        if self.payload is None:
-            return False
-        for choice in self.payload.get("choices") or ():
-            if choice.get("text"):
-                return True
-            delta = choice.get("delta")
-            if delta and (delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")):
-                return True
-        return False
+def _has_content(payload: dict[str, Any]) -> bool:
+    for choice in payload.get("choices") or ():
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if delta and (delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")):
+            return True
+    return False
 
 
 def _data_of(raw: bytes) -> bytes:
