@@ -46,11 +46,11 @@ def _wait(url: str, process: subprocess.Popen[bytes], timeout_s: float, log: Pat
 
 @contextlib.contextmanager
 def run_process(name: str, argv: Sequence[str], health_url: str, cpu: str | None, log_dir: Path,
-             env: dict[str, str] | None = None, timeout_s: float = 90.0) -> Iterator[int]:
+                env: dict[str, str] | None = None, timeout_s: float = 90.0, cwd: Path | None = None) -> Iterator[int]:
     log = log_dir / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(pinned(cpu, list(argv)), stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})}, start_new_session=True)
+                                   env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
     try:
         _wait(health_url, process, timeout_s, log)
         yield process.pid
@@ -81,8 +81,10 @@ def start_engine(engine_args: Sequence[str], cpu: str | None, log_dir: Path) -> 
 
 
 @contextlib.contextmanager
-def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str | None = None) -> Iterator[Target]:
-    """specgate as users run it (`gateway.cli gateway`), or a `loadtest.gateway_variants` upstream-client variant."""
+def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str | None = None,
+                   source: Path | None = None) -> Iterator[Target]:
+    """specgate as users run it (`gateway.cli gateway`), or a `loadtest.gateway_variants` upstream-client variant;
+    `source` runs the gateway package of another checkout (an older commit's worktree, for A/B runs)."""
     port = free_port()
     if variant is None:
         argv = [sys.executable, "-m", "gateway.cli", "gateway", "--workers", upstream, "--port", str(port),
@@ -97,8 +99,10 @@ def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str |
         name = f"specgate:{variant}"
     url = f"http://127.0.0.1:{port}"
     env = {"SPECGATE_REQUEST_LOG": "false"}
+    if source is not None:
+        env["PYTHONPATH"] = str(source)  # with the working directory there, `-m gateway.cli` imports its gateway
     label = f"{name.replace(':', '-').replace('+', '-')}-{port}"
-    with run_process(label, argv, url + "/ready", cpu, log_dir, env) as pid:
+    with run_process(label, argv, url + "/ready", cpu, log_dir, env, cwd=source) as pid:
         yield Target(name, url, pid)
 
 

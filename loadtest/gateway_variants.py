@@ -37,8 +37,9 @@ FIXES = {
     "asyncdep": "get_services as an async dependency: FastAPI runs a sync one in its thread pool on every request",
     "gcdefault": "the opposite of the shipped collector setting, for an A/B: CPython's default thresholds after "
                  "startup (700, 10, 10) instead of gateway.serve's YOUNG_ and FULL_COLLECTION_AFTER",
-    "cycles": "the opposite of the shipped unlinking, for an A/B: closed worker responses keep httpx's "
-              "response <-> stream reference cycle, so their objects wait for the garbage collector",
+    "cycles": "the opposite of the shipped unlinking, for an A/B: closed responses keep httpx's response <-> "
+              "stream reference cycle, so their objects wait for the garbage collector (worker streams no longer "
+              "go through httpx.AsyncClient, which made that cycle; the pool's own calls still do)",
     "leansse": "a plain ASGI streaming response instead of sse_starlette's EventSourceResponse (no anyio task group, "
                "no cancel scope per event; no pings or send timeout, so a measurement aid, not the fix itself)",
 }

@@ -191,3 +191,40 @@ async def test_finished_requests_leave_no_worker_response_for_the_garbage_collec
             gc.set_debug(0)
             gc.garbage.clear()
     assert from_workers == []
+
+
+async def test_a_stream_over_aiohttp_is_read_straight_from_its_reader_and_any_other_through_httpx() -> None:
+    import time
+
+    import aiohttp
+
+    from gateway.upstream import Upstream, build_transport
+    from tests.support import serve_in_thread
+    from tests.unit.fakes import SlowWorker
+
+    events = vllm_stream([1, 2])
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+
+    async def read_all(transport: httpx.AsyncBaseTransport, url: str) -> tuple[object, bytes]:
+        upstream = Upstream(transport, settings_for(url), time.perf_counter)
+        opened = await upstream.open_stream(url, "/v1/chat/completions", body, "r1")
+        received = b"".join(event.raw + b"\n\n" for event in opened.first_events) + opened.splitter.pending
+        while chunk := await opened.next_chunk():
+            received += chunk
+        await opened.aclose()
+        return getattr(opened.read, "__self__", None), received
+
+    with serve_in_thread(SlowWorker(events, gap_s=0.01)) as url:
+        transport = build_transport(settings_for(url))
+        try:
+            reader, received = await read_all(transport, url)
+        finally:
+            await transport.aclose()
+    # If httpx-aiohttp ever renames what body_reader reaches for, this fails rather than silently slowing down.
+    assert isinstance(reader, aiohttp.StreamReader)
+    assert received == b"".join(events)
+
+    worker = _streaming_worker(events)
+    reader, received = await read_all(mock_transport(worker), worker.url)
+    assert not isinstance(reader, aiohttp.StreamReader)
+    assert received == b"".join(events)
