@@ -99,11 +99,12 @@ async def forward(request: Request, services: ServicesDep, kind: Kind, path: str
             _account(services, record)
             raise
         record.admitted_at = services.clock()
-        services.metrics.in_flight.labels(call.model).inc()
+        in_flight = services.metrics.child(services.metrics.in_flight, call.model)
+        in_flight.inc()
 
         def on_finish(done: RequestRecord) -> None:
             ticket.release()
-            services.metrics.in_flight.labels(call.model).dec()
+            in_flight.dec()
             _account(services, done)
 
         try:

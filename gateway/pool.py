@@ -193,11 +193,11 @@ class WorkerPool:
 
     def started(self, worker: Worker) -> None:
         worker.in_flight += 1
-        self._metrics.worker_in_flight.labels(worker.url).set(worker.in_flight)
+        self._metrics.child(self._metrics.worker_in_flight, worker.url).set(worker.in_flight)
 
     def finished(self, worker: Worker) -> None:
         worker.in_flight -= 1
-        self._metrics.worker_in_flight.labels(worker.url).set(worker.in_flight)
+        self._metrics.child(self._metrics.worker_in_flight, worker.url).set(worker.in_flight)
 
     def succeeded(self, worker: Worker) -> None:
         worker.consecutive_failures = 0

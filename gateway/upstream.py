@@ -161,20 +161,28 @@ class Upstream:
         # WaitGuard bounds its reads instead, and open_stream bounds the wait for the first event.
         self._stream_timeout = {**client_timeout(settings).as_dict(), "read": None}
         self._complete_timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s).as_dict()
-        self._urls: dict[tuple[str, str], httpx.URL] = {}
+        self._targets: dict[tuple[str, str], tuple[httpx.URL, bytes]] = {}
 
     def _request(self, worker_url: str, path: str, body: bytes, request_id: str, timeout: dict[str, float | None],
                  ) -> httpx.Request:
-        # Built directly rather than by client.build_request, which re-parses and merges the URL, the client's
-        # default headers and cookies on every call (59 µs against 17 µs here, per request start); workers need
-        # none of those defaults.
-        url = self._urls.get((worker_url, path))
-        if url is None:
-            if len(self._urls) >= MAX_CACHED_URLS:  # discovery may churn through worker addresses
-                self._urls.clear()
-            url = self._urls.setdefault((worker_url, path), httpx.URL(worker_url + path))
-        headers = {"content-type": "application/json", "accept-encoding": "identity", "x-request-id": request_id}
-        return httpx.Request("POST", url, content=body, headers=headers, extensions={"timeout": timeout})
+        # Built from raw header pairs and a ready body stream: httpx.Request's own normalising of a header dict and
+        # encoding of `content` took 24 µs per request start, this 7.5 (client.build_request, which also merges
+        # the client's defaults and cookies, took 59). Workers need nothing else.
+        target = self._targets.get((worker_url, path))
+        if target is None:
+            if len(self._targets) >= MAX_CACHED_URLS:  # discovery may churn through worker addresses
+                self._targets.clear()
+            url = httpx.URL(worker_url + path)
+            target = self._targets.setdefault((worker_url, path), (url, url.netloc))
+        url, host = target
+        headers = [
+            (b"host", host), (b"content-type", b"application/json"), (b"accept-encoding", b"identity"),
+            (b"x-request-id", request_id.encode("latin-1")), (b"content-length", b"%d" % len(body)),
+        ]
+        request = httpx.Request("POST", url, stream=httpx.ByteStream(body), headers=headers,
+                                extensions={"timeout": timeout})
+        request.read()  # the body as bytes too: httpx-aiohttp sends `request.content`
+        return request
 
     async def open_stream(self, worker_url: str, path: str, body: bytes, request_id: str) -> OpenStream:
         """Send the request and wait, within the first-token timeout, for a 200 and the first event."""
