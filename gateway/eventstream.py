@@ -42,7 +42,7 @@ class RelayEventStream(EventSourceResponse):
         self._watch = watch
         self._after = after
         # A reader that takes no bytes for send_timeout is cut: one write waits that long under flow control.
-        self._send_guard = WaitGuard(self.send_timeout if self.send_timeout else None)
+        self._send_guard = WaitGuard(self.send_timeout or None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_send: Send = scope.get(TRANSPORT_SEND, send)

@@ -20,9 +20,9 @@ class EventSplitter:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        if not self._buffer and chunk.endswith(SEPARATOR) and chunk.find(SEPARATOR) == len(chunk) - 2:
-            # The usual read: exactly one whole event.
-            return [chunk[:-2]] if b"\r" not in chunk and len(chunk) > 2 else self._feed(chunk)
+        last = len(chunk) - 2
+        if not self._buffer and last > 0 and chunk.find(SEPARATOR) == last and b"\r" not in chunk:
+            return [chunk[:last]]  # the usual read: exactly one whole event
         return self._feed(chunk)
 
     def _feed(self, chunk: bytes) -> list[bytes]:

@@ -36,8 +36,8 @@ import orjson
 
 from loadtest.bench_measure import host_steal, request_duration_s, say, steal_share_since
 from loadtest.bench_phases import CapacityPlan, LatencyPlan, capacity_phase, idle_phase, latency_phase
-from loadtest.bench_procs import raise_open_file_limit
-from loadtest.bench_targets import Target, missing_peer, start_engine, start_target
+from loadtest.bench_procs import pin_self, raise_open_file_limit
+from loadtest.bench_targets import Target, engine_timing_args, missing_peer, start_engine, start_target
 
 PHASES = ("latency", "burst", "chunks", "capacity", "idle")
 RESULTS = Path(__file__).parent / "results"
@@ -80,13 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_args(args: argparse.Namespace, phase: str) -> list[str]:
-    base = ["--ttft-ms", f"{args.ttft_ms:g}", "--gap-ms", f"{args.gap_ms:g}", "--output-len", str(args.output_len),
-            "--prompt-tokens", "32"]
+    base = engine_timing_args(args.ttft_ms, args.gap_ms, args.output_len)
     if phase == "chunks":
         return [*base, "--tokens-per-chunk", "4"]
     if phase == "capacity":
-        return ["--ttft-ms", f"{args.ttft_ms:g}", "--gap-ms", f"{args.capacity_gap_ms:g}",
-                "--output-len", str(args.capacity_output_len), "--prompt-tokens", "32"]
+        return engine_timing_args(args.ttft_ms, args.capacity_gap_ms, args.capacity_output_len)
     if phase == "idle":
         # Every stream stalls after its role chunk and first token: open end to end, then silent.
         return [*base, "--fault", "stall=1.0", "--fault-after-events", "2", "--stall-s", "600"]
@@ -190,8 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}; expected {', '.join(PHASES)}")
     raise_open_file_limit()
-    if args.client_cpu and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(args.client_cpu)})  # the load generator shares the engine's core
+    pin_self(args.client_cpu)  # the load generator shares the engine's core
     gc.collect()
     gc.freeze()  # startup objects never make a collection pause a stream's timing
     paths = run(args, shlex.join(["python", "-m", "loadtest.bench_gateways", *argv]))

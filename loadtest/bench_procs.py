@@ -12,6 +12,12 @@ import urllib.request
 from pathlib import Path
 
 
+def pin_self(cpu: str | None) -> None:
+    """Run this process (a load generator) on `cpu`, where the fake engine runs too; '' or None: anywhere."""
+    if cpu and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(cpu)})
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -35,10 +41,16 @@ def wait_healthy(url: str, timeout_s: float = 20.0) -> None:
     raise RuntimeError(f"{url} not healthy after {timeout_s}s")
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a running process, from /proc (it is not a waited-for child yet)."""
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a running process, from /proc (it is not a waited-for child yet)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process."""
+    return sum(process_cpu_split(pid))
 
 
 def children_cpu_seconds() -> float:

@@ -70,6 +70,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
+def engine_timing_args(ttft_ms: float, gap_ms: float, output_len: int) -> list[str]:
+    """`specgate fake-engine` flags for a timing, with the fixed 32-token prompts every benchmark uses."""
+    return ["--ttft-ms", f"{ttft_ms:g}", "--gap-ms", f"{gap_ms:g}", "--output-len", str(output_len),
+            "--prompt-tokens", "32"]
+
+
 @contextlib.contextmanager
 def start_engine(engine_args: Sequence[str], cpu: str | None, log_dir: Path) -> Iterator[Target]:
     """The fake vLLM worker; `engine_args` are `specgate fake-engine` flags (timing, output length, faults)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -23,11 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtest.bench_measure import engine_counters, host_steal, load_config, request_duration_s, say, steal_share_since
-from loadtest.bench_procs import raise_open_file_limit
-from loadtest.bench_targets import Target, start_engine, start_specgate
+from loadtest.bench_procs import pin_self, process_cpu_split, raise_open_file_limit
+from loadtest.bench_targets import Target, engine_timing_args, start_engine, start_specgate
 from loadtest.runner import run_scenario
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -38,12 +35,6 @@ class Side:
     ttft_p50_ms: float
     ttft_p99_ms: float
     steal: float | None
-
-
-def cpu_split_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU of a running process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,10 +59,10 @@ async def run_side(label: str, gateway: Target, engine: Target, args: argparse.N
     config = load_config(gateway.url, args.concurrency, output_len=args.output_len, num_requests=10**7,
                          duration_s=ramp_up + args.seconds, ramp_up_s=ramp_up, label=label, progress=False)
     events_before = engine_counters(engine.url)["events"]
-    user_before, system_before = cpu_split_seconds(gateway.pid)
+    user_before, system_before = process_cpu_split(gateway.pid)
     steal_before = host_steal()
     result = await run_scenario(config)
-    user_after, system_after = cpu_split_seconds(gateway.pid)
+    user_after, system_after = process_cpu_split(gateway.pid)
     events = max(engine_counters(engine.url)["events"] - events_before, 1.0)
     ttft = result.summary["ttft_ms"]
     return Side(label, 1e6 * (user_after - user_before) / events, 1e6 * (system_after - system_before) / events,
@@ -106,8 +97,7 @@ def render(pairs: list[tuple[Side, Side]], args: argparse.Namespace, argv: Seque
 
 async def main_async(args: argparse.Namespace, argv: Sequence[str]) -> str:
     log_dir = Path(tempfile.mkdtemp(prefix="specgate-cpu-ab-"))
-    engine_args = ["--ttft-ms", f"{args.ttft_ms:g}", "--gap-ms", f"{args.gap_ms:g}",
-                   "--output-len", str(args.output_len), "--prompt-tokens", "32"]
+    engine_args = engine_timing_args(args.ttft_ms, args.gap_ms, args.output_len)
     pairs: list[tuple[Side, Side]] = []
     with start_engine(engine_args, args.client_cpu, log_dir) as engine:
         for index in range(1, args.pairs + 1):
@@ -126,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     raise_open_file_limit()
-    if args.client_cpu and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(args.client_cpu)})  # the load generator shares the engine's core
+    pin_self(args.client_cpu)
     table = asyncio.run(main_async(args, argv))
     print(table)
     if args.report is not None:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,8 +24,8 @@ from typing import Any
 import orjson
 
 from loadtest.bench_measure import load_config, request_duration_s, say
-from loadtest.bench_procs import free_port, raise_open_file_limit
-from loadtest.bench_targets import run_process, start_engine
+from loadtest.bench_procs import free_port, pin_self, raise_open_file_limit
+from loadtest.bench_targets import engine_timing_args, run_process, start_engine
 from loadtest.runner import run_scenario
 
 
@@ -126,12 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         fixes = [fix for fix in args.fixes.split("+") if fix]
         return serve_with_probe(args.serve, out, args.tick_ms / 1000, args.interval_s, fixes)
     raise_open_file_limit()
-    if args.client_cpu:
-        os.sched_setaffinity(0, {int(args.client_cpu)})
+    pin_self(args.client_cpu)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    engine_args = ["--ttft-ms", f"{args.ttft_ms:g}", "--gap-ms", f"{args.gap_ms:g}", "--output-len",
-                   str(args.output_len), "--prompt-tokens", "32"]
+    engine_args = engine_timing_args(args.ttft_ms, args.gap_ms, args.output_len)
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(start_engine(engine_args, args.client_cpu or None, args.out_dir))
         port = free_port()

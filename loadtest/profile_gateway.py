@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import re
 import shlex
 import shutil
@@ -24,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loadtest.bench_measure import load_config, request_duration_s, say
-from loadtest.bench_procs import pinned, raise_open_file_limit
-from loadtest.bench_targets import start_engine, start_target
+from loadtest.bench_procs import pin_self, pinned, raise_open_file_limit
+from loadtest.bench_targets import engine_timing_args, start_engine, start_target
 from loadtest.runner import run_scenario
 
 # First match wins; matched against the frame's file path.
@@ -143,12 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--append", action="store_true", help="add a section to the report instead of replacing it")
     args = p.parse_args(argv)
     raise_open_file_limit()
-    if args.client_cpu:
-        os.sched_setaffinity(0, {int(args.client_cpu)})
+    pin_self(args.client_cpu)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     raw = args.out_dir / f"{args.target.replace(':', '-')}-c{args.concurrency}-gap{args.gap_ms:g}.txt"
-    engine_args = ["--ttft-ms", f"{args.ttft_ms:g}", "--gap-ms", f"{args.gap_ms:g}", "--output-len",
-                   str(args.output_len), "--prompt-tokens", "32"]
+    engine_args = engine_timing_args(args.ttft_ms, args.gap_ms, args.output_len)
     import uvloop
 
     with contextlib.ExitStack() as stack:
