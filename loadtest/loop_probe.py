@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import sys
@@ -32,10 +33,12 @@ from loadtest.runner import run_scenario
 class Probe:
     """Loop lag samples and collector pauses, written as one JSON line per interval."""
 
-    def __init__(self, out: Path, tick_s: float, interval_s: float) -> None:
+    def __init__(self, out: Path, tick_s: float, interval_s: float, garbage_types: bool = False) -> None:
         self.out, self.tick_s, self.interval_s = out, tick_s, interval_s
+        self.garbage_types = garbage_types
         self.lags: list[float] = []
         self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.collected = {0: 0, 1: 0, 2: 0}
         self._gc_started = 0.0
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
@@ -43,9 +46,14 @@ class Probe:
             self._gc_started = time.perf_counter()
         else:
             self.pauses[info["generation"]].append(time.perf_counter() - self._gc_started)
+            self.collected[info["generation"]] += info["collected"]
 
     async def run(self) -> None:
         gc.callbacks.append(self.on_gc)
+        if self.garbage_types:
+            # Unreachable objects are kept in gc.garbage instead of freed, to be counted by type (a debugging aid:
+            # the process then holds all its cyclic garbage).
+            gc.set_debug(gc.DEBUG_SAVEALL)
         reported = time.perf_counter()
         while True:
             before = time.perf_counter()
@@ -63,14 +71,20 @@ class Probe:
             "p99": 1000 * lags[int(len(lags) * 0.99)], "max": 1000 * lags[-1]}}
         for generation, pauses in self.pauses.items():
             line[f"gen{generation}"] = {"count": len(pauses), "max_ms": 1000 * max(pauses, default=0.0),
-                                        "sum_ms": 1000 * sum(pauses)}
+                                        "sum_ms": 1000 * sum(pauses), "collected": self.collected[generation]}
             pauses.clear()
+            self.collected[generation] = 0
+        if self.garbage_types:
+            kinds = collections.Counter(type(obj).__qualname__ for obj in gc.garbage)
+            line["garbage_types"] = dict(kinds.most_common(25))
+            gc.garbage.clear()
         self.lags.clear()
         with self.out.open("ab") as sink:
             sink.write(orjson.dumps(line) + b"\n")
 
 
-def serve_with_probe(argv: Sequence[str], out: Path, tick_s: float, interval_s: float, fixes: Sequence[str]) -> int:
+def serve_with_probe(argv: Sequence[str], out: Path, tick_s: float, interval_s: float, fixes: Sequence[str],
+                     garbage_types: bool) -> int:
     """`specgate gateway <argv>` with the probe started once the server is up (and gateway_variants fixes)."""
     from loadtest.gateway_variants import apply_fixes
 
@@ -78,7 +92,7 @@ def serve_with_probe(argv: Sequence[str], out: Path, tick_s: float, interval_s: 
     from gateway import serve
     from gateway.cli import main as gateway_main
 
-    probe = Probe(out, tick_s, interval_s)
+    probe = Probe(out, tick_s, interval_s, garbage_types)
     startup = serve.DrainingServer.startup
     tasks: set[asyncio.Task[None]] = set()
 
@@ -92,15 +106,23 @@ def serve_with_probe(argv: Sequence[str], out: Path, tick_s: float, interval_s: 
 
 def summarise(out: Path) -> str:
     lines = [orjson.loads(raw) for raw in out.read_bytes().splitlines() if raw.strip()]
-    rows = ["| interval | ticks | lag mean | lag p50 | lag p99 | lag max | gen0 n / max / sum | gen1 n / max / sum "
-            "| gen2 n / max / sum |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| interval | ticks | lag mean | lag p50 | lag p99 | lag max | gen0 n / max / sum / freed "
+            "| gen1 n / max / sum / freed | gen2 n / max / sum / freed |", "|---|---|---|---|---|---|---|---|---|"]
     for index, line in enumerate(lines, 1):
         lag = line["lag_ms"]
-        gens = [f"{line[g]['count']} / {line[g]['max_ms']:.1f} / {line[g]['sum_ms']:.1f}"
+        gens = [f"{line[g]['count']} / {line[g]['max_ms']:.1f} / {line[g]['sum_ms']:.1f} / {line[g]['collected']}"
                 for g in ("gen0", "gen1", "gen2")]
         rows.append(f"| {index} | {line['ticks']} | {lag['mean']:.2f} | {lag['p50']:.2f} | {lag['p99']:.2f} | "
                     f"{lag['max']:.2f} | " + " | ".join(gens) + " |")
-    return "\n".join(rows) + "\n\n(ms; gen n / max / sum: collections of that generation in the interval)\n"
+    text = "\n".join(rows) + ("\n\n(ms; gen n / max / sum / freed: collections of that generation in the interval, "
+                              "their longest and total pause, objects they found unreachable)\n")
+    kinds: collections.Counter[str] = collections.Counter()
+    for line in lines:
+        kinds.update(line.get("garbage_types", {}))
+    if kinds:
+        text += "\nUnreachable objects by type, whole run:\n\n" + "\n".join(
+            f"- {name}: {count:,}" for name, count in kinds.most_common(25)) + "\n"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--interval-s", type=float, default=2.0)
     p.add_argument("--gateway-cpu", default="0")
     p.add_argument("--client-cpu", default="1")
+    p.add_argument("--garbage-types", action="store_true",
+                   help="keep the collector's unreachable objects and count them by type (gc.DEBUG_SAVEALL)")
     p.add_argument("--fixes", default="", help="gateway_variants fixes to apply, e.g. gcdefault+cycles (an A/B)")
     p.add_argument("--out-dir", type=Path, default=Path("/tmp/specgate-loop-probe"))
     p.add_argument("--serve", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # the gateway child
@@ -123,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out_dir / "probe.jsonl"
     if args.serve is not None:
         fixes = [fix for fix in args.fixes.split("+") if fix]
-        return serve_with_probe(args.serve, out, args.tick_ms / 1000, args.interval_s, fixes)
+        return serve_with_probe(args.serve, out, args.tick_ms / 1000, args.interval_s, fixes, args.garbage_types)
     raise_open_file_limit()
     pin_self(args.client_cpu)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = stack.enter_context(start_engine(engine_args, args.client_cpu or None, args.out_dir))
         port = free_port()
         child = [sys.executable, "-m", "loadtest.loop_probe", "--out-dir", str(args.out_dir), "--fixes", args.fixes,
-                 "--tick-ms",
+                 *(["--garbage-types"] if args.garbage_types else []), "--tick-ms",
                  f"{args.tick_ms:g}", "--interval-s", f"{args.interval_s:g}", "--serve", "--workers", engine.url,
                  "--port", str(port), "--log-level", "warning"]
         url = f"http://127.0.0.1:{port}"
