@@ -28,7 +28,11 @@ class Services:
     drainer: Drainer
 
 
-async def get_services(request: Request) -> Services:
-    # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop on every request.
+def services_of(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop on every request.
+    return services_of(request)
