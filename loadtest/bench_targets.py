@@ -87,6 +87,19 @@ def start_engine(engine_args: Sequence[str], cpu: str | None, log_dir: Path) -> 
 
 
 @contextlib.contextmanager
+def start_instrumented_gateway(module: str, flags: Sequence[str], upstream: str, cpu: str | None, log_dir: Path,
+                               env: dict[str, str] | None = None) -> Iterator[str]:
+    """`python -m <module> <flags> --serve <specgate gateway flags>`: a measurement tool that runs the gateway
+    in its own child with instrumentation added (loop_probe, request_path); yields the gateway's URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", module, *flags, "--serve", "--workers", upstream, "--port", str(port),
+            "--log-level", "warning"]
+    with run_process(f"{module.rsplit('.', 1)[-1]}-gateway-{port}", argv, url + "/ready", cpu, log_dir, env):
+        yield url
+
+
+@contextlib.contextmanager
 def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str | None = None,
                    source: Path | None = None) -> Iterator[Target]:
     """specgate as users run it (`gateway.cli gateway`), or a `loadtest.gateway_variants` upstream-client variant;

@@ -25,8 +25,8 @@ from typing import Any
 import orjson
 
 from loadtest.bench_measure import load_config, request_duration_s, say
-from loadtest.bench_procs import free_port, pin_self, raise_open_file_limit
-from loadtest.bench_targets import engine_timing_args, run_process, start_engine
+from loadtest.bench_procs import pin_self, raise_open_file_limit
+from loadtest.bench_targets import engine_timing_args, start_engine, start_instrumented_gateway
 from loadtest.runner import run_scenario
 
 
@@ -155,14 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_args = engine_timing_args(args.ttft_ms, args.gap_ms, args.output_len)
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(start_engine(engine_args, args.client_cpu or None, args.out_dir))
-        port = free_port()
-        child = [sys.executable, "-m", "loadtest.loop_probe", "--out-dir", str(args.out_dir), "--fixes", args.fixes,
-                 *(["--garbage-types"] if args.garbage_types else []), "--tick-ms",
-                 f"{args.tick_ms:g}", "--interval-s", f"{args.interval_s:g}", "--serve", "--workers", engine.url,
-                 "--port", str(port), "--log-level", "warning"]
-        url = f"http://127.0.0.1:{port}"
-        stack.enter_context(run_process(f"gateway-probe-{port}", child, url + "/ready", args.gateway_cpu or None,
-                                     args.out_dir, {"SPECGATE_REQUEST_LOG": "false"}))
+        flags = ["--out-dir", str(args.out_dir), "--fixes", args.fixes, "--tick-ms", f"{args.tick_ms:g}",
+                 "--interval-s", f"{args.interval_s:g}", *(["--garbage-types"] if args.garbage_types else [])]
+        url = stack.enter_context(start_instrumented_gateway("loadtest.loop_probe", flags, engine.url,
+                                                             args.gateway_cpu or None, args.out_dir,
+                                                             {"SPECGATE_REQUEST_LOG": "false"}))
         ramp_up_s = request_duration_s(args.ttft_ms, args.gap_ms, args.output_len)
         config = load_config(url, args.concurrency, output_len=args.output_len, ramp_up_s=ramp_up_s,
                              duration_s=args.seconds, label="loop probe", progress=False)

@@ -27,8 +27,8 @@ import aiohttp
 import orjson
 
 from loadtest.bench_measure import say
-from loadtest.bench_procs import free_port, pin_self
-from loadtest.bench_targets import engine_timing_args, run_process, start_engine
+from loadtest.bench_procs import pin_self
+from loadtest.bench_targets import engine_timing_args, start_engine, start_instrumented_gateway
 
 STAGES = (
     ("recv", "uvicorn reads the request"),
@@ -205,12 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(start_engine(engine_timing_args(20.0, 10.0, args.output_len),
                                                   args.client_cpu or None, args.out_dir))
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        child = [sys.executable, "-m", "loadtest.request_path", "--out-dir", str(args.out_dir), "--serve",
-                 "--workers", engine.url, "--port", str(port), "--log-level", "warning"]
-        stack.enter_context(run_process(f"gateway-stages-{port}", child, url + "/ready", args.gateway_cpu or None,
-                                        args.out_dir, {}))
+        url = stack.enter_context(start_instrumented_gateway("loadtest.request_path", ["--out-dir", str(args.out_dir)],
+                                                             engine.url, args.gateway_cpu or None, args.out_dir))
         say(f"{args.warmup + args.requests} requests, one at a time, through the instrumented gateway")
         asyncio.run(send_one_at_a_time(url, args.warmup + args.requests, args.output_len))
     print(summarise(out, args.warmup))

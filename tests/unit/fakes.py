@@ -135,6 +135,12 @@ async def gateway_client(
         yield client, app
 
 
+def requests_finish(client: httpx.Client, timeout_s: float = 2.0) -> bool:
+    """Whether the gateway behind `client` records every request as finished (in flight 0) within `timeout_s`."""
+    return wait_until(lambda: f'specgate_in_flight{{model="{MODEL}"}} 0.0' in client.get("/metrics").text,
+                      timeout_s=timeout_s)
+
+
 class SlowWorker:
     """An ASGI worker under real uvicorn that streams scripted events with delays and records
     whether the gateway hung up on it (the signal vLLM uses to abort a request)."""

@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from tests.unit.fakes import MODEL, SlowWorker, serve_in_thread, settings_for, vllm_stream, wait_until
+from tests.unit.fakes import (
+    MODEL,
+    SlowWorker,
+    requests_finish,
+    serve_in_thread,
+    settings_for,
+    vllm_stream,
+)
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 # Libraries on the gateway's request path; the test's own client (httpx) is left out.
@@ -48,8 +55,7 @@ def test_streamed_and_complete_requests_leave_no_cyclic_garbage(kept_garbage: li
         app = create_app(settings_for(worker_url, request_log=False))
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=10) as client:
             client.post("/v1/chat/completions", json={**CHAT, "stream": True}).raise_for_status()  # warm-up
-            assert wait_until(lambda: 'specgate_in_flight{model="demo"} 0.0' in client.get("/metrics").text,
-                              timeout_s=2.0)
+            assert requests_finish(client)
             gc.collect()
             kept_garbage.clear()
             for stream in (True, True, True, False, False):
@@ -57,8 +63,7 @@ def test_streamed_and_complete_requests_leave_no_cyclic_garbage(kept_garbage: li
                 assert response.status_code == 200
                 if stream:
                     assert response.text.endswith("data: [DONE]\n\n")
-            assert wait_until(lambda: 'specgate_in_flight{model="demo"} 0.0' in client.get("/metrics").text,
-                              timeout_s=2.0)
+            assert requests_finish(client)
             gc.collect()
             left = sorted({f"{type(obj).__module__}.{type(obj).__qualname__}" for obj in kept_garbage
                            if _server_side(obj)})
