@@ -187,9 +187,8 @@ async def _complete(
     services: Services, call: OpenAICall, record: RequestRecord, path: str,
     on_finish: Callable[[RequestRecord], None],
 ) -> Response:
-    worker, response = await _routed(services, call, record, path, services.upstream.complete)
+    worker, content = await _routed(services, call, record, path, services.upstream.complete)
     services.pool.finished(worker)
-    content = response.content
     try:
         usage = orjson.loads(content).get("usage") or {}
         record.prompt_tokens = int(usage.get("prompt_tokens") or 0)

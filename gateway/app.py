@@ -27,7 +27,8 @@ from gateway.pool import PoolTiming, WorkerPool
 from gateway.requestid import RequestIdMiddleware
 from gateway.services import Services
 from gateway.settings import GatewaySettings
-from gateway.upstream import Upstream, build_client, build_transport
+from gateway.upstream import Upstream
+from gateway.workerhttp import worker_clients
 
 logger = logging.getLogger("specgate.gateway")
 
@@ -65,8 +66,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        upstream_transport = transport or build_transport(settings)
-        async with build_client(settings, upstream_transport) as client:
+        async with worker_clients(settings, transport) as (worker_client, client):
             pool = WorkerPool(settings.workers, client, metrics, clock, timing)
             await pool.start()
             drainer.bind(asyncio.get_running_loop())
@@ -79,7 +79,7 @@ def create_app(
                 clock=clock,
                 metrics=metrics,
                 pool=pool,
-                upstream=Upstream(upstream_transport, settings, clock),
+                upstream=Upstream(worker_client, settings, clock),
                 admission=admission,
                 dispatcher=Dispatcher(
                     pool, settings.routing, settings.routing_per_model, metrics,

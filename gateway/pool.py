@@ -13,7 +13,7 @@ import httpx
 from gateway.discovery import resolve
 from gateway.loadsignals import WorkerLoad, parse_load
 from gateway.metrics import Metrics
-from gateway.upstream import fetch
+from gateway.workerhttp import fetch
 
 logger = logging.getLogger("specgate.pool")
 

@@ -16,7 +16,8 @@ load generator) share --client-cpu. Phases (each starts its own engine and targe
 - idle: --idle-streams streams held open by an engine that stalls them: RSS before / open / after.
 
 Peers whose venv is missing (python -m loadtest.peers install) are skipped with a note. Targets may also be
-specgate upstream-client variants: specgate:httpx-default, specgate:httpx-tuned, specgate:httpx-aiohttp.
+specgate upstream-client variants: specgate:httpx-default, specgate:httpx-tuned, specgate:httpx-aiohttp,
+specgate:aiohttp.
 """
 
 from __future__ import annotations

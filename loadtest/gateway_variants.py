@@ -5,7 +5,9 @@
 Variants (everything else is the gateway as shipped, served like gateway/serve.py does):
 - httpx-default: httpx's default pool (100 connections, 20 kept alive for 5 s);
 - httpx-tuned: httpx's own pool as `upstream_transport: httpcore` builds it (2048 connections, 20 kept alive);
-- httpx-aiohttp: httpx's API over aiohttp's connection pool, what the gateway builds by default.
+- httpx-aiohttp: httpx's API over aiohttp's connection pool (httpx-aiohttp), what the gateway used before it
+  called aiohttp itself;
+- aiohttp: aiohttp's client called directly, what the gateway builds by default.
 
 A variant may add candidate fixes, monkeypatched here to measure them before they go into gateway/:
 `httpx-tuned+reuse+quiet` (see FIXES). Logging is set up as `specgate gateway` does (INFO root logger).
@@ -20,14 +22,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import anyio
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from starlette.requests import Request  # at module level: FastAPI resolves the dependency's annotations here
 
 from gateway.settings import GatewaySettings
-from gateway.upstream import build_transport
+from gateway.workerhttp import KEEPALIVE_EXPIRY_S, httpcore_transport
 
-VARIANTS = ("httpx-default", "httpx-tuned", "httpx-aiohttp")
+VARIANTS = ("httpx-default", "httpx-tuned", "httpx-aiohttp", "aiohttp")
 FIXES = {
     "reuse": "read the upstream body to its end (the chunked terminator after [DONE]) before closing it, so the "
              "connection goes back to the pool instead of being dropped",
@@ -39,7 +41,8 @@ FIXES = {
                  "startup (700, 10, 10) instead of gateway.serve's YOUNG_ and FULL_COLLECTION_AFTER",
     "cycles": "the opposite of the shipped unlinking, for an A/B: closed responses keep httpx's response <-> "
               "stream reference cycle, so their objects wait for the garbage collector (worker streams no longer "
-              "go through httpx.AsyncClient, which made that cycle; the pool's own calls still do)",
+              "go through httpx.AsyncClient, which made that cycle; the pool's own calls still do; with an "
+              "httpx-* variant only, as the default client makes no httpx responses)",
     "leansse": "a plain ASGI streaming response instead of sse_starlette's EventSourceResponse (no anyio task group, "
                "no cancel scope per event; no pings or send timeout, so a measurement aid, not the fix itself)",
 }
@@ -60,16 +63,15 @@ def apply_fixes(fixes: Sequence[str]) -> None:
         setattr(serve, "YOUNG_COLLECTION_AFTER", 700)  # noqa: B010 (read at startup, after this patch)
         setattr(serve, "FULL_COLLECTION_AFTER", 10)  # noqa: B010
     if "cycles" in fixes:
-        from gateway import pool, upstream
+        from gateway import pool, workerhttp
 
         async def close_keeping_the_cycle(response: httpx.Response) -> None:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            await response.aclose()
 
         async def fetch_keeping_the_cycle(client: httpx.AsyncClient, url: str, timeout_s: float) -> httpx.Response:
             return await client.get(url, timeout=timeout_s)
 
-        setattr(upstream, "close_response", close_keeping_the_cycle)  # noqa: B010 (looked up at call time)
+        setattr(workerhttp, "close_response", close_keeping_the_cycle)  # noqa: B010 (looked up at call time)
         setattr(pool, "fetch", fetch_keeping_the_cycle)  # noqa: B010 (pool imports it by name)
     if "asyncdep" in fixes:
         from gateway import services
@@ -110,12 +112,15 @@ def apply_fixes(fixes: Sequence[str]) -> None:
 
 
 def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTransport | None:
-    """The transport handed to create_app; None keeps build_client's own (aiohttp's pool)."""
+    """The transport handed to create_app; None keeps the gateway's own client (aiohttp, called directly)."""
     if variant == "httpx-tuned":
-        return build_transport(settings.model_copy(update={"upstream_transport": "httpcore"}))
+        return httpcore_transport(settings)
     if variant == "httpx-default":
         return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
     if variant == "httpx-aiohttp":
+        limits = httpx.Limits(max_connections=settings.max_upstream_connections, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        return AiohttpTransport(limits=limits, trust_env=False)
+    if variant == "aiohttp":
         return None
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 

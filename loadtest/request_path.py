@@ -4,7 +4,7 @@
 
 Starts the fake engine (--client-cpu) and `specgate gateway` (--gateway-cpu) with timestamps taken at each
 stage of a request's way through it: uvicorn reading and parsing it, the app and middleware, the handler,
-validation, admission and routing, building the worker request, aiohttp writing it, the worker's headers,
+validation, admission and routing, aiohttp building and writing the worker request, the worker's headers,
 its first event, the response start and the first body write. Requests are sent one at a time, as at
 concurrency 1, and the table gives each stage's median. A measurement aid: the wrappers add a few µs per
 stage, and one process at idle runs colder (slower per step) than the same code under load.
@@ -37,8 +37,8 @@ STAGES = (
     ("handler", "middleware, routing: the handler starts"),
     ("validated", "body read, JSON parsed, schema validated"),
     ("open", "watch, admission, routing to a worker"),
-    ("send", "the worker request built"),
-    ("written", "aiohttp has written it"),
+    ("send", "the worker call starts"),
+    ("written", "aiohttp has built and written the request"),
     ("headers", "the worker's response headers arrive"),
     ("opened", "its first event arrives (engine TTFT)"),
     ("respond", "relay and response built, response called"),
@@ -70,7 +70,7 @@ def instrument(marks: Marks) -> None:
     from aiohttp import client_reqrep
     from uvicorn.protocols.http import httptools_impl
 
-    from gateway import api, app, eventstream, upstream
+    from gateway import api, app, eventstream, upstream, workerhttp
 
     protocol = httptools_impl.HttpToolsProtocol
     data_received, message_complete = protocol.data_received, protocol.on_message_complete
@@ -108,7 +108,7 @@ def instrument(marks: Marks) -> None:
 
     setattr(api, "forward", forward_marked)  # noqa: B010 (looked up at call time)
     setattr(api, "_validated_call", validated_marked)  # noqa: B010
-    open_stream, send_request = upstream.Upstream.open_stream, upstream._send
+    open_stream, post = upstream.Upstream.open_stream, workerhttp.AiohttpWorkerClient.post
 
     async def open_marked(self: Any, *args: Any) -> Any:
         marks.mark("open")
@@ -116,14 +116,14 @@ def instrument(marks: Marks) -> None:
         marks.mark("opened")
         return opened
 
-    async def send_marked(transport: Any, request: Any) -> Any:
+    async def post_marked(self: Any, *args: Any) -> Any:
         marks.mark("send")
-        response = await send_request(transport, request)
+        reply = await post(self, *args)
         marks.mark("headers")
-        return response
+        return reply
 
     setattr(upstream.Upstream, "open_stream", open_marked)  # noqa: B010 (typed by its signature otherwise)
-    setattr(upstream, "_send", send_marked)  # noqa: B010
+    setattr(workerhttp.AiohttpWorkerClient, "post", post_marked)  # noqa: B010
     write_request = client_reqrep.ClientRequest.send
 
     async def write_marked(self: Any, connection: Any) -> Any:

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from gateway.workerhttp import Read, WorkerReply
 from tests.support import free_port, serve_in_thread, wait_until
 
 __all__ = ["free_port", "serve_in_thread", "wait_until"]
@@ -101,6 +102,14 @@ class ScriptedWorker:
         self.seen.append(request)
         assert self.on_post is not None, "test did not script this worker's POST answer"
         return self.on_post(request)
+
+
+def reply_of(read: Read) -> WorkerReply:
+    """A worker's 200 whose body is `read`, for tests that build an OpenStream themselves."""
+    async def close() -> None:
+        return None
+
+    return WorkerReply(200, {"content-type": "text/event-stream"}, read, close)
 
 
 def mock_transport(*workers: ScriptedWorker) -> httpx.MockTransport:

@@ -9,8 +9,9 @@ import pytest
 from gateway.metrics import Metrics, RequestRecord
 from gateway.relay import Relay, UsageFilter
 from gateway.sse import Event, EventSplitter
-from gateway.upstream import OpenStream, reader_of
-from tests.unit.fakes import vllm_stream
+from gateway.upstream import OpenStream
+from gateway.workerhttp import reader_of
+from tests.unit.fakes import reply_of, vllm_stream
 
 pytestmark = pytest.mark.anyio
 
@@ -27,11 +28,6 @@ class ScriptedClock:
     def __call__(self) -> float:
         self.calls += 1
         return next(self._times)
-
-
-class _Response:
-    async def aclose(self) -> None:
-        self.closed = True
 
 
 async def _chunks(events: list[bytes]) -> AsyncIterator[bytes]:
@@ -62,9 +58,10 @@ async def test_relay_stamps_ttft_per_token_and_per_chunk_gaps_from_usage() -> No
     ]
     clock = ScriptedClock(times)
     splitter = EventSplitter()
+    read = reader_of(_chunks(rest))
     stream = OpenStream(
-        response=_Response(),  # type: ignore[arg-type]
-        read=reader_of(_chunks(rest)),
+        reply=reply_of(read),
+        read=read,
         splitter=splitter,
         first_events=[Event.parse(first.rstrip(b"\n"))],
         sent_at=9.9,

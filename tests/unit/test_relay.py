@@ -8,7 +8,16 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.unit.fakes import DONE, MODEL, ScriptedWorker, gateway_client, mock_transport, settings_for, vllm_stream
+from tests.unit.fakes import (
+    DONE,
+    MODEL,
+    ScriptedWorker,
+    gateway_client,
+    mock_transport,
+    reply_of,
+    settings_for,
+    vllm_stream,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -142,7 +151,8 @@ async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counte
     from gateway.metrics import RequestRecord
     from gateway.relay import Relay, UsageFilter
     from gateway.sse import Event, EventSplitter
-    from gateway.upstream import OpenStream, reader_of
+    from gateway.upstream import OpenStream
+    from gateway.workerhttp import reader_of
 
     role, first, second, third, usage, done = vllm_stream([1, 2, 1])
     reads = [second + third, usage + done]
@@ -152,7 +162,8 @@ async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counte
             yield read
 
     splitter = EventSplitter()
-    opened = OpenStream(httpx.Response(200), reader_of(chunks()), splitter,
+    read = reader_of(chunks())
+    opened = OpenStream(reply_of(read), read, splitter,
                         [Event.parse(raw) for raw in splitter.feed(role + first)], sent_at=0.0, first_event_at=0.1)
     record = RequestRecord(request_id="r", model=MODEL, endpoint="chat", stream=True, received_at=0.0)
     ticks = iter(float(n) for n in range(1, 100))
@@ -193,38 +204,36 @@ async def test_finished_requests_leave_no_worker_response_for_the_garbage_collec
     assert from_workers == []
 
 
-async def test_a_stream_over_aiohttp_is_read_straight_from_its_reader_and_any_other_through_httpx() -> None:
+async def test_a_stream_over_the_default_client_is_read_straight_from_aiohttp_and_any_other_through_httpx() -> None:
     import time
 
     import aiohttp
 
-    from gateway.upstream import Upstream, build_transport
+    from gateway.upstream import Upstream
+    from gateway.workerhttp import worker_clients
     from tests.support import serve_in_thread
     from tests.unit.fakes import SlowWorker
 
     events = vllm_stream([1, 2])
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
 
-    async def read_all(transport: httpx.AsyncBaseTransport, url: str) -> tuple[object, bytes]:
-        upstream = Upstream(transport, settings_for(url), time.perf_counter)
-        opened = await upstream.open_stream(url, "/v1/chat/completions", body, "r1")
-        received = b"".join(event.raw + b"\n\n" for event in opened.first_events) + opened.splitter.pending
-        while chunk := await opened.next_chunk():
-            received += chunk
-        await opened.aclose()
+    async def read_all(url: str, transport: httpx.AsyncBaseTransport | None) -> tuple[object, bytes]:
+        async with worker_clients(settings_for(url), transport) as (worker_client, _):
+            upstream = Upstream(worker_client, settings_for(url), time.perf_counter)
+            opened = await upstream.open_stream(url, "/v1/chat/completions", body, "r1")
+            received = b"".join(event.raw + b"\n\n" for event in opened.first_events) + opened.splitter.pending
+            while chunk := await opened.next_chunk():
+                received += chunk
+            await opened.aclose()
         return getattr(opened.read, "__self__", None), received
 
     with serve_in_thread(SlowWorker(events, gap_s=0.01)) as url:
-        transport = build_transport(settings_for(url))
-        try:
-            reader, received = await read_all(transport, url)
-        finally:
-            await transport.aclose()
-    # If httpx-aiohttp ever renames what body_reader reaches for, this fails rather than silently slowing down.
+        reader, received = await read_all(url, None)
+    # One call per chunk, no iterator layers: if this ever reads through a wrapper, it fails rather than slows down.
     assert isinstance(reader, aiohttp.StreamReader)
     assert received == b"".join(events)
 
     worker = _streaming_worker(events)
-    reader, received = await read_all(mock_transport(worker), worker.url)
+    reader, received = await read_all(worker.url, mock_transport(worker))
     assert not isinstance(reader, aiohttp.StreamReader)
     assert received == b"".join(events)
