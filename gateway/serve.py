@@ -23,6 +23,11 @@ UVICORN_MARGIN_S = 5
 # collections between two full ones (default 10); cyclic garbage stays bounded by the first.
 YOUNG_COLLECTION_AFTER = 10_000
 FULL_COLLECTION_AFTER = 1000
+# libuv (uvloop's core) accepts one connection per listening handle per event-loop turn (libuv#3696). With
+# hundreds of streams to relay a turn takes tens of ms, so new connections waited in the kernel's queue, one let
+# in per turn: at 300 streams the last connections of a ramp-up waited up to 3 s (loadtest/results/profile.md,
+# "New connections under load"). Each extra handle on the same socket lets one more in per turn.
+ACCEPT_HANDLES = 16
 
 
 class DrainingServer(uvicorn.Server):
@@ -84,4 +89,10 @@ def serve(settings: GatewaySettings) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + UVICORN_MARGIN_S,
     )
     with logging_off_the_loop():
-        DrainingServer(config, app.state.drainer).run()
+        DrainingServer(config, app.state.drainer).run(sockets=listening_handles(config, ACCEPT_HANDLES))
+
+
+def listening_handles(config: uvicorn.Config, count: int) -> list[socket.socket]:
+    """The bound socket and `count - 1` duplicates of it: one accept queue, `count` handles taking from it."""
+    bound = config.bind_socket()
+    return [bound, *(bound.dup() for _ in range(count - 1))]

@@ -118,10 +118,7 @@ class Upstream:
             try:
                 if reply.status != 200:
                     raise await _status_error(reply)
-                content = b""
-                while chunk := await reply.read():
-                    content += chunk
-                return content
+                return await reply.body()
             finally:
                 await reply.aclose()
         except TRANSPORT_ERRORS as exc:

@@ -44,12 +44,14 @@ class WorkerReply:
         with anyio.CancelScope(shield=True):
             await self.close()
 
-    async def body(self, limit: int) -> bytes:
-        """The body, or its first `limit` bytes and a little more."""
-        body = b""
-        while len(body) < limit and (chunk := await self.read()):
-            body += chunk
-        return body
+    async def body(self, limit: int | None = None) -> bytes:
+        """The whole body, or with a limit its first `limit` bytes and at most one chunk more."""
+        chunks: list[bytes] = []
+        size = 0
+        while (limit is None or size < limit) and (chunk := await self.read()):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
 
 
 class WorkerClient(Protocol):
@@ -62,9 +64,9 @@ class AiohttpWorkerClient:
     """aiohttp's client session, called directly.
 
     Through httpx's API (httpx-aiohttp) each request was an httpx.Request turned into a URL string and a header
-    dict for aiohttp, which parsed both again, and an httpx.Response wrapped around aiohttp's: ~0.35 ms of a
-    lone request's start on this VM, a quarter of what the gateway spends before the worker has the request
-    (loadtest/results/profile.md, "Worker calls on aiohttp itself").
+    dict for aiohttp, which parsed both again, and each answer an httpx.Response around aiohttp's: building
+    and writing a lone request took 0.38-0.44 ms that way, 0.27-0.30 ms now (loadtest/results/profile.md,
+    "Worker calls on aiohttp itself").
     """
 
     def __init__(self, session: aiohttp.ClientSession, settings: GatewaySettings) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import httpx
 import pytest
 
@@ -64,9 +66,29 @@ async def test_invalid_input_is_a_400_and_never_reaches_a_worker(body: object, p
         assert error["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param", "message"),
+    [
+        ("/v1/chat/completions", {"messages": CHAT["messages"]}, "model", "Missing required parameter: 'model'"),
+        ("/v1/completions", {"model": MODEL}, "prompt", "Missing required parameter: 'prompt'"),
+        ("/v1/completions", {"model": MODEL, "prompt": []}, "prompt", "Invalid value for 'prompt'"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"every": True}},
+         "stream_options.every", "Unrecognized request argument supplied: stream_options.every"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "chat_template": "t"}, "chat_template",
+         "Unrecognized request argument supplied: chat_template"),
+    ],
+)
+async def test_each_endpoint_checks_its_own_fields(path: str, body: object, param: str, message: str) -> None:
+    worker = ScriptedWorker(on_post=_never_called)
+    error = _assert_envelope(await _post(worker, body, path=path), 400, "invalid_request_error")
+    assert error["param"] == param
+    assert str(error["message"]).startswith(message)
+
+
 async def test_vllm_extra_sampling_parameters_pass_through() -> None:
     worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": [], "usage": {}}))
-    extras = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "ignore_eos": True, "min_tokens": 2}
+    extras = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "ignore_eos": True, "min_tokens": 2,
+              "chat_template_kwargs": {"enable_thinking": False}, "store": False, "priority": -1}
     response = await _post(worker, {**CHAT, **extras})
     assert response.status_code == 200
     forwarded = json.loads(worker.seen[0].content)
@@ -218,3 +240,36 @@ def test_transport_errors_say_what_happened_to_the_worker_connection(
     mapped = map_transport_error(error)
     assert type(mapped) is kind
     assert str(mapped).startswith(phrase)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "phrase"),
+    [
+        (aiohttp.ServerDisconnectedError(), UpstreamFailed, "worker closed the connection"),
+        (aiohttp.ClientPayloadError("cut"), UpstreamFailed, "worker closed or reset the connection mid-body"),
+        (aiohttp.ConnectionTimeoutError(), UpstreamFailed, "could not connect to worker in time"),
+        (aiohttp.SocketTimeoutError(), UpstreamTimeout, "worker sent nothing in time"),
+        (aiohttp.ClientOSError(104, "reset"), UpstreamFailed, "worker closed or reset the connection"),
+    ],
+)
+def test_errors_of_the_default_client_say_what_happened_to_the_worker_connection(
+    error: aiohttp.ClientError, kind: type[GatewayError], phrase: str
+) -> None:
+    mapped = map_transport_error(error)
+    assert type(mapped) is kind
+    assert str(mapped).startswith(phrase)
+
+
+async def test_a_worker_port_with_nothing_listening_is_a_failed_connect_over_the_default_client() -> None:
+    from gateway.upstream import Upstream
+    from gateway.workerhttp import worker_clients
+    from tests.support import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    settings = settings_for(url)
+    async with worker_clients(settings) as (worker_client, _):
+        upstream = Upstream(worker_client, settings, time.perf_counter)
+        with pytest.raises(UpstreamFailed, match=r"^could not connect to worker: "):
+            await upstream.open_stream(url, "/v1/chat/completions", b"{}", "r1")
+        with pytest.raises(UpstreamFailed, match=r"^could not connect to worker: "):
+            await upstream.complete(url, "/v1/chat/completions", b"{}", "r2")
