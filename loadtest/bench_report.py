@@ -125,9 +125,10 @@ def _setup(data: dict[str, Any]) -> str:
     loads = data.get("runs", [data["load"]])
     ramp = data.get("ramp_up_s") or 0.0
     ramped = sum(row["requests"].get("ramp_up", 0) for row in data["rows"] if isinstance(row.get("requests"), dict))
-    starts = (f"streams started evenly over {ramp:g} s per round, the {ramped:,} requests sent meanwhile delivered "
-              "and counted for 1:1 and errors but not in the latencies; " if ramp else
-              "streams started all at once; " if data["phase"] in ("latency", "burst", "chunks") else "")
+    spread = (f"streams started evenly over {ramp:g} s per round, the {ramped:,} requests of the ramp-up (sent "
+              "meanwhile, and each stream's first) delivered and counted for 1:1 and errors but not in the latencies; ")
+    starts = spread if ramp else (
+        "streams started all at once; " if data["phase"] in ("latency", "burst", "chunks") else "")
     return (f"{starts}engine `specgate fake-engine {' '.join(data['engine_args'])}`; "
             f"gateway on core {data['gateway_cpu']}, "
             f"engine + load generator on core {data['client_cpu']}; load average (1/5/15 min) at the end of each "

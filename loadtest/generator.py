@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     load = p.add_argument_group("load (bounded: --num-requests and/or --duration)")
     load.add_argument("--concurrency", type=int, default=1, help="closed loop: this many streams at once")
     load.add_argument("--ramp-up", type=float, default=0.0, metavar="SECONDS",
-                      help="closed loop: start the streams spread over this long; requests sent meanwhile are "
-                           "delivered but not measured (steady state instead of streams in lockstep)")
+                      help="closed loop: start the streams spread over this long; requests sent meanwhile, and "
+                           "each stream's first, are delivered but not measured (steady state instead of "
+                           "streams in lockstep)")
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second (sessions for chat)")
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
     load.add_argument("--max-concurrency", type=int, help="with --rate: cap on requests in flight")

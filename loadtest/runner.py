@@ -32,7 +32,8 @@ class LoadConfig:
     concurrency: int = 1
     rate: float | None = None
     burstiness: float = 1.0
-    # Closed loop: streams start spread over this many seconds; requests sent meanwhile are not measured.
+    # Closed loop: streams start spread over this many seconds; requests sent meanwhile, and each stream's first,
+    # are not measured.
     ramp_up_s: float = 0.0
     max_concurrency: int | None = None
     num_requests: int | None = 100
@@ -102,11 +103,16 @@ class _Run:
         self.deadline = self.start + config.duration_s if config.duration_s is not None else None
         self.limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
 
-    def _take(self) -> RequestRecord | None:
-        """Claim the next request slot, or None once a cap is reached; ramp-up requests do not count."""
+    def _take(self, opens_stream: bool = False) -> RequestRecord | None:
+        """Claim the next request slot, or None once a cap is reached; ramp-up requests do not count.
+
+        A stream's first request belongs to the ramp-up even when it leaves after the ramp-up's end: the last
+        streams' starts slip past it when the generator is busy, and a target that is slow to accept new
+        connections would otherwise have its ramp-up measured as steady state.
+        """
         if self.exhausted:
             return None
-        ramp_up = time.perf_counter() < self.ramp_up_end
+        ramp_up = time.perf_counter() < self.ramp_up_end or (opens_stream and self.config.ramp_up_s > 0)
         record = RequestRecord(index=len(self.records), ramp_up=ramp_up)
         self.records.append(record)
         self.measured += not ramp_up
@@ -119,14 +125,15 @@ class _Run:
             return True
         return self.deadline is not None and time.perf_counter() >= self.deadline
 
-    async def session_task(self, session: Session, spec: RequestSpec) -> None:
+    async def session_task(self, session: Session, spec: RequestSpec, opens_stream: bool = False) -> None:
         """Run a session's requests one after another, feeding each reply into the next turn."""
         while True:
             arrived = time.perf_counter()
             if self.limit is not None:
                 await self.limit.acquire()
             try:
-                record = self._take()
+                record = self._take(opens_stream)
+                opens_stream = False
                 if record is None:
                     return
                 record.queue_s = time.perf_counter() - arrived
@@ -155,13 +162,15 @@ class _Run:
         async def stream(position: int) -> None:
             if spacing:
                 await asyncio.sleep(self.start + position * spacing - time.perf_counter())
+            opens_stream = True
             while not self.exhausted:
                 session = next(sessions, None)
                 if session is None:
                     return
                 first = next(session, None)
                 if first is not None:
-                    await self.session_task(session, first)
+                    await self.session_task(session, first, opens_stream)
+                    opens_stream = False
 
         await asyncio.gather(*(stream(position) for position in range(self.config.concurrency)))
 

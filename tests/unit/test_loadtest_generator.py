@@ -118,6 +118,15 @@ def test_ramp_up_spreads_stream_starts_and_leaves_its_requests_out_of_the_summar
     assert len(ramp) >= 4
 
 
+def test_each_streams_first_request_is_part_of_the_ramp_up_even_when_it_leaves_after_it() -> None:
+    # A ramp-up far shorter than a connect: every stream's first request leaves after its end.
+    with run_in_thread(FakeEngineConfig(ttft_s=0.005, gap_s=0.001, output_len=4)) as url:
+        result = run(base(url, concurrency=4, num_requests=8, ramp_up_s=1e-6))
+    ramp = [r for r in result.records if r.ramp_up]
+    assert len(ramp) == 4, [(r.start_s, r.ramp_up) for r in result.records]
+    assert len(result.records) == 12 and result.summary["requests"]["ramp_up"] == 4
+
+
 def test_duration_cap_cancels_stragglers() -> None:
     with run_in_thread(FakeEngineConfig(ttft_s=0.001, gap_s=0.05, output_len=1000)) as url:
         result = run(base(url, concurrency=2, num_requests=None, duration_s=0.1, drain_timeout_s=0.1))
