@@ -138,35 +138,26 @@ async def _status_error(reply: WorkerReply) -> GatewayError:
     return UpstreamFailed(f"worker answered {status}: {detail}")
 
 
+# What each client's errors mean for the worker connection, most specific first: aiohttp's (worker calls) and
+# httpx's (the httpcore pool, tests' transports). httpx-aiohttp (the pool's own calls) reports every aiohttp
+# error as an httpx one with aiohttp's as the cause, which is then the one looked up.
+ERROR_MEANINGS: tuple[tuple[tuple[type[Exception], ...], type[GatewayError], str], ...] = (
+    ((aiohttp.ServerDisconnectedError,), UpstreamFailed, "worker closed the connection"),
+    ((aiohttp.ClientPayloadError,), UpstreamFailed, "worker closed or reset the connection mid-body ({error})"),
+    ((aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout, httpx.PoolTimeout), UpstreamFailed,
+     "could not connect to worker in time: {kind}"),
+    ((aiohttp.ServerTimeoutError, httpx.TimeoutException), UpstreamTimeout, "worker sent nothing in time: {kind}"),
+    ((aiohttp.ClientConnectorError, httpx.ConnectError), UpstreamFailed, "could not connect to worker: {error}"),
+    # A socket failing under a read: a worker that reset or closed the connection.
+    ((aiohttp.ClientOSError, httpx.ReadError), UpstreamFailed,
+     "worker closed or reset the connection ({kind}: {error})"),
+)
+
+
 def map_transport_error(exc: httpx.HTTPError | aiohttp.ClientError) -> GatewayError:
-    # Worker calls raise aiohttp's errors; httpx-aiohttp (the pool's own calls) reports every aiohttp connection
-    # error, a worker hanging up included, as ConnectTimeout with aiohttp's as the cause.
-    cause = exc if isinstance(exc, aiohttp.ClientError) else exc.__cause__
-    if isinstance(cause, aiohttp.ClientError):
-        return _aiohttp_error(cause)
-    if isinstance(exc, httpx.TimeoutException):
-        if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-            return UpstreamFailed(f"could not connect to worker in time: {type(exc).__name__}")
-        return UpstreamTimeout(f"worker sent nothing in time: {type(exc).__name__}")
-    if isinstance(exc, httpx.ReadError):
-        # httpcore's ReadError is the socket failing under a read: a worker that reset or closed the connection.
-        return UpstreamFailed(f"worker closed or reset the connection ({type(exc).__name__}: {exc})")
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamFailed(f"could not connect to worker: {exc}")
-    return UpstreamFailed(f"worker connection failed: {type(exc).__name__}: {exc}")
-
-
-def _aiohttp_error(exc: aiohttp.ClientError) -> GatewayError:
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamFailed("worker closed the connection")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamFailed(f"worker closed or reset the connection mid-body ({exc})")
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamFailed(f"could not connect to worker in time: {type(exc).__name__}")
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return UpstreamTimeout(f"worker sent nothing in time: {type(exc).__name__}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamFailed(f"could not connect to worker: {exc}")
-    if isinstance(exc, aiohttp.ClientOSError):
-        return UpstreamFailed(f"worker closed or reset the connection ({type(exc).__name__}: {exc})")
-    return UpstreamFailed(f"worker connection failed: {type(exc).__name__}: {exc}")
+    cause = exc.__cause__
+    error: Exception = cause if isinstance(exc, httpx.HTTPError) and isinstance(cause, aiohttp.ClientError) else exc
+    for kinds, gateway_error, meaning in ERROR_MEANINGS:
+        if isinstance(error, kinds):
+            return gateway_error(meaning.format(kind=type(error).__name__, error=error))
+    return UpstreamFailed(f"worker connection failed: {type(error).__name__}: {error}")
