@@ -182,7 +182,7 @@ async def _read_to_end(stream: OpenStream) -> None:
     being closed (a new TCP connection per request otherwise)."""
     try:
         async with asyncio.timeout(BODY_END_WAIT_S):
-            while await stream.read():
+            while await stream.reply.read():
                 pass
     except (TimeoutError, httpx.HTTPError, aiohttp.ClientError):
         pass

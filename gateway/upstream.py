@@ -20,7 +20,7 @@ from gateway.errors import (
 )
 from gateway.settings import GatewaySettings
 from gateway.sse import Event, EventSplitter
-from gateway.workerhttp import Read, WorkerClient, WorkerReply
+from gateway.workerhttp import WorkerClient, WorkerReply
 
 MAX_ERROR_BODY = 64 * 1024
 TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError)
@@ -31,7 +31,6 @@ class OpenStream:
     """A worker stream whose status was 200 and whose first event has arrived."""
 
     reply: WorkerReply
-    read: Read
     splitter: EventSplitter
     first_events: list[Event]
     sent_at: float
@@ -46,7 +45,7 @@ class OpenStream:
         try:
             guard.begin()
             try:
-                return await self.read()
+                return await self.reply.read()
             except asyncio.CancelledError:
                 guard.raise_if_cut()
                 raise
@@ -98,7 +97,7 @@ class Upstream:
                         raise StopAsyncIteration
                     events = [Event.parse(raw) for raw in splitter.feed(chunk)]
             guard = WaitGuard(self._settings.stream_idle_timeout_s)
-            return OpenStream(reply, read, splitter, events, sent_at, self._clock(), guard=guard)
+            return OpenStream(reply, splitter, events, sent_at, self._clock(), guard=guard)
         except BaseException as exc:
             if reply is not None:
                 await reply.aclose()

@@ -92,7 +92,7 @@ def apply_fixes(fixes: Sequence[str]) -> None:
             if not self.closed:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(0.05):
-                        while await self.read():
+                        while await self.reply.read():
                             pass
             await close(self)
 

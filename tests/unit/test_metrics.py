@@ -61,7 +61,6 @@ async def test_relay_stamps_ttft_per_token_and_per_chunk_gaps_from_usage() -> No
     read = reader_of(_chunks(rest))
     stream = OpenStream(
         reply=reply_of(read),
-        read=read,
         splitter=splitter,
         first_events=[Event.parse(first.rstrip(b"\n"))],
         sent_at=9.9,

@@ -163,7 +163,7 @@ async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counte
 
     splitter = EventSplitter()
     read = reader_of(chunks())
-    opened = OpenStream(reply_of(read), read, splitter,
+    opened = OpenStream(reply_of(read), splitter,
                         [Event.parse(raw) for raw in splitter.feed(role + first)], sent_at=0.0, first_event_at=0.1)
     record = RequestRecord(request_id="r", model=MODEL, endpoint="chat", stream=True, received_at=0.0)
     ticks = iter(float(n) for n in range(1, 100))
@@ -225,7 +225,7 @@ async def test_a_stream_over_the_default_client_is_read_straight_from_aiohttp_an
             while chunk := await opened.next_chunk():
                 received += chunk
             await opened.aclose()
-        return getattr(opened.read, "__self__", None), received
+        return getattr(opened.reply.read, "__self__", None), received
 
     with serve_in_thread(SlowWorker(events, gap_s=0.01)) as url:
         reader, received = await read_all(url, None)
