@@ -6,13 +6,10 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-import aiohttp
-import httpx
-
 from gateway.errors import GatewayError, UpstreamFailed
 from gateway.metrics import RequestRecord
 from gateway.sse import SEPARATOR, Event, encode_data
-from gateway.upstream import OpenStream
+from gateway.upstream import TRANSPORT_ERRORS, OpenStream
 
 DONE_EVENT = b"data: [DONE]\n\n"
 DISCONNECTED_STATUS = "499"
@@ -184,5 +181,5 @@ async def _read_to_end(stream: OpenStream) -> None:
         async with asyncio.timeout(BODY_END_WAIT_S):
             while await stream.reply.read():
                 pass
-    except (TimeoutError, httpx.HTTPError, aiohttp.ClientError):
+    except (TimeoutError, *TRANSPORT_ERRORS):
         pass
