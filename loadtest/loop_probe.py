@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ class Probe:
         self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
         self.collected = {0: 0, 1: 0, 2: 0}
         self._gc_started = 0.0
+        self._cpu_times = _cpu_times()
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -74,6 +76,11 @@ class Probe:
                                         "sum_ms": 1000 * sum(pauses), "collected": self.collected[generation]}
             pauses.clear()
             self.collected[generation] = 0
+        cpu_times = _cpu_times()
+        # Whether a lag spike was the loop's own work, or time the process wanted its core and did not get it:
+        # waiting behind another task on that core (run queue) or the VM's host running something else (steal).
+        line["cpu_ms"] = {name: (cpu_times[name] - self._cpu_times[name]) / 1e6 for name in cpu_times}
+        self._cpu_times = cpu_times
         if self.garbage_types:
             kinds = collections.Counter(type(obj).__qualname__ for obj in gc.garbage)
             line["garbage_types"] = dict(kinds.most_common(25))
@@ -81,6 +88,18 @@ class Probe:
         self.lags.clear()
         with self.out.open("ab") as sink:
             sink.write(orjson.dumps(line) + b"\n")
+
+
+def _cpu_times() -> dict[str, int]:
+    """Nanoseconds: this process on a CPU, runnable but waiting for one, and steal on the CPUs it may run on."""
+    run_ns, wait_ns, _ = (int(field) for field in Path("/proc/self/schedstat").read_text().split())
+    cpus = {f"cpu{cpu}" for cpu in os.sched_getaffinity(0)}
+    ticks = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] in cpus:
+            ticks += int(fields[8])
+    return {"run": run_ns, "run_queue": wait_ns, "steal": ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")}
 
 
 def serve_with_probe(argv: Sequence[str], out: Path, tick_s: float, interval_s: float, fixes: Sequence[str],
@@ -106,15 +125,20 @@ def serve_with_probe(argv: Sequence[str], out: Path, tick_s: float, interval_s: 
 
 def summarise(out: Path) -> str:
     lines = [orjson.loads(raw) for raw in out.read_bytes().splitlines() if raw.strip()]
-    rows = ["| interval | ticks | lag mean | lag p50 | lag p99 | lag max | gen0 n / max / sum / freed "
-            "| gen1 n / max / sum / freed | gen2 n / max / sum / freed |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| interval | ticks | lag mean | lag p50 | lag p99 | lag max | on CPU | run queue | steal "
+            "| gen0 n / max / sum / freed | gen1 n / max / sum / freed | gen2 n / max / sum / freed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for index, line in enumerate(lines, 1):
         lag = line["lag_ms"]
         gens = [f"{line[g]['count']} / {line[g]['max_ms']:.1f} / {line[g]['sum_ms']:.1f} / {line[g]['collected']}"
                 for g in ("gen0", "gen1", "gen2")]
+        cpu = line["cpu_ms"]
         rows.append(f"| {index} | {line['ticks']} | {lag['mean']:.2f} | {lag['p50']:.2f} | {lag['p99']:.2f} | "
-                    f"{lag['max']:.2f} | " + " | ".join(gens) + " |")
-    text = "\n".join(rows) + ("\n\n(ms; gen n / max / sum / freed: collections of that generation in the interval, "
+                    f"{lag['max']:.2f} | {cpu['run']:.0f} | {cpu['run_queue']:.1f} | {cpu['steal']:.0f} | "
+                    + " | ".join(gens) + " |")
+    text = "\n".join(rows) + ("\n\n(ms; on CPU: the gateway's CPU time in the interval; run queue: time it was runnable "
+                              "but another task had its core; steal: time the VM's host took from its core; "
+                              "gen n / max / sum / freed: collections of that generation in the interval, "
                               "their longest and total pause, objects they found unreachable)\n")
     kinds: collections.Counter[str] = collections.Counter()
     for line in lines:
