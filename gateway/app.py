@@ -28,7 +28,7 @@ from gateway.requestid import RequestIdMiddleware
 from gateway.services import Services
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
-from gateway.workerhttp import worker_clients
+from gateway.workerclients import worker_clients
 
 logger = logging.getLogger("specgate.gateway")
 

@@ -40,11 +40,12 @@ class GatewaySettings(BaseSettings):
     stream_idle_timeout_s: float = Field(300.0, gt=0)
     request_timeout_s: float = Field(900.0, gt=0, description="Whole non-streaming upstream call")
     max_upstream_connections: int = Field(2048, ge=1)
-    upstream_transport: Literal["aiohttp", "httpcore"] = Field(
-        "aiohttp", description="Connection pool to workers: aiohttp's, or httpx's own (httpcore)"
+    upstream_transport: Literal["httptools", "aiohttp", "httpcore"] = Field(
+        "httptools",
+        description="Client for worker requests: the gateway's own on httptools, aiohttp's, or httpx's (httpcore)",
     )
     upstream_keepalive_connections: int = Field(
-        20, ge=0, description="Idle connections kept for reuse (httpcore only; aiohttp keeps every idle one)"
+        20, ge=0, description="Idle connections kept for reuse (httpcore only; the others keep every idle one)"
     )
 
     # Admission: how many requests run at once, and how many may wait and for how long.

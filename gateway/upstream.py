@@ -21,9 +21,17 @@ from gateway.errors import (
 from gateway.settings import GatewaySettings
 from gateway.sse import Event, EventSplitter
 from gateway.workerhttp import WorkerClient, WorkerReply
+from gateway.workerwire import (
+    WorkerBodyCut,
+    WorkerConnectionError,
+    WorkerConnectTimeout,
+    WorkerHungUp,
+    WorkerReadTimeout,
+    WorkerUnreachable,
+)
 
 MAX_ERROR_BODY = 64 * 1024
-TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError)
+TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError, WorkerConnectionError)
 
 
 @dataclass(eq=False)
@@ -137,23 +145,27 @@ async def _status_error(reply: WorkerReply) -> GatewayError:
     return UpstreamFailed(f"worker answered {status}: {detail}")
 
 
-# What each client's errors mean for the worker connection, most specific first: aiohttp's (worker calls) and
-# httpx's (the httpcore pool, tests' transports). httpx-aiohttp (the pool's own calls) reports every aiohttp
-# error as an httpx one with aiohttp's as the cause, which is then the one looked up.
+# What each client's errors mean for the worker connection, most specific first: the default client's
+# (gateway.workerwire), aiohttp's and httpx's (the httpcore pool, tests' transports). httpx-aiohttp (the pool's
+# own calls) reports every aiohttp error as an httpx one with aiohttp's as the cause, which is then the one
+# looked up.
 ERROR_MEANINGS: tuple[tuple[tuple[type[Exception], ...], type[GatewayError], str], ...] = (
-    ((aiohttp.ServerDisconnectedError,), UpstreamFailed, "worker closed the connection"),
-    ((aiohttp.ClientPayloadError,), UpstreamFailed, "worker closed or reset the connection mid-body ({error})"),
-    ((aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout, httpx.PoolTimeout), UpstreamFailed,
+    ((WorkerHungUp, aiohttp.ServerDisconnectedError), UpstreamFailed, "worker closed the connection"),
+    ((WorkerBodyCut, aiohttp.ClientPayloadError), UpstreamFailed,
+     "worker closed or reset the connection mid-body ({error})"),
+    ((WorkerConnectTimeout, aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout, httpx.PoolTimeout), UpstreamFailed,
      "could not connect to worker in time: {kind}"),
-    ((aiohttp.ServerTimeoutError, httpx.TimeoutException), UpstreamTimeout, "worker sent nothing in time: {kind}"),
-    ((aiohttp.ClientConnectorError, httpx.ConnectError), UpstreamFailed, "could not connect to worker: {error}"),
+    ((WorkerReadTimeout, aiohttp.ServerTimeoutError, httpx.TimeoutException), UpstreamTimeout,
+     "worker sent nothing in time: {kind}"),
+    ((WorkerUnreachable, aiohttp.ClientConnectorError, httpx.ConnectError), UpstreamFailed,
+     "could not connect to worker: {error}"),
     # A socket failing under a read: a worker that reset or closed the connection.
     ((aiohttp.ClientOSError, httpx.ReadError), UpstreamFailed,
      "worker closed or reset the connection ({kind}: {error})"),
 )
 
 
-def map_transport_error(exc: httpx.HTTPError | aiohttp.ClientError) -> GatewayError:
+def map_transport_error(exc: httpx.HTTPError | aiohttp.ClientError | WorkerConnectionError) -> GatewayError:
     cause = exc.__cause__
     error: Exception = cause if isinstance(exc, httpx.HTTPError) and isinstance(cause, aiohttp.ClientError) else exc
     for kinds, gateway_error, meaning in ERROR_MEANINGS:

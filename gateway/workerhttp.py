@@ -1,12 +1,11 @@
-"""Worker HTTP stage: one POST to a worker, over aiohttp's client itself (the default) or any httpx transport.
+"""Worker HTTP stage: what a worker call returns (`WorkerReply`), and the clients over aiohttp and over httpx.
 
-Both clients give the same `WorkerReply` and raise their own library's errors, which
+The default client is gateway.workerwire's; each gives the same `WorkerReply` and raises its own errors, which
 `gateway.upstream.map_transport_error` maps onto the gateway's error tree.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ import aiohttp
 import anyio
 import httpx
 import yarl
-from httpx_aiohttp import AiohttpTransport
 
 from gateway.settings import GatewaySettings
 
@@ -214,20 +212,3 @@ def httpcore_transport(settings: GatewaySettings) -> httpx.AsyncBaseTransport:
         keepalive_expiry=KEEPALIVE_EXPIRY_S,
     )
     return httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-
-
-@contextlib.asynccontextmanager
-async def worker_clients(
-    settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None,
-) -> AsyncIterator[tuple[WorkerClient, httpx.AsyncClient]]:
-    """The client for requests to workers and an httpx client for the pool's own calls (health, models,
-    metrics), over one connection pool; `transport` replaces the network (tests, benchmark variants)."""
-    if transport is None and settings.upstream_transport == "aiohttp":
-        session = aiohttp_session(settings)
-        calls: WorkerClient = AiohttpWorkerClient(session, settings)
-        transport = AiohttpTransport(client=session)  # closes the session with the httpx client
-    else:
-        transport = transport or httpcore_transport(settings)
-        calls = HttpxWorkerClient(transport, settings)
-    async with httpx.AsyncClient(timeout=client_timeout(settings), transport=transport, trust_env=False) as client:
-        yield calls, client

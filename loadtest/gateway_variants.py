@@ -7,7 +7,8 @@ Variants (everything else is the gateway as shipped, served like gateway/serve.p
 - httpx-tuned: httpx's own pool as `upstream_transport: httpcore` builds it (2048 connections, 20 kept alive);
 - httpx-aiohttp: httpx's API over aiohttp's connection pool (httpx-aiohttp), what the gateway used before it
   called aiohttp itself;
-- aiohttp: aiohttp's client called directly, what the gateway builds by default.
+- aiohttp: aiohttp's client called directly (`upstream_transport: aiohttp`), the default before httptools;
+- httptools: the gateway's own client on httptools' parser (gateway/workerwire.py), the default.
 
 A variant may add candidate fixes, monkeypatched here to measure them before they go into gateway/:
 `httpx-tuned+reuse+quiet` (see FIXES). Logging is set up as `specgate gateway` does (INFO root logger).
@@ -29,7 +30,8 @@ from starlette.requests import Request  # at module level: FastAPI resolves the 
 from gateway.settings import GatewaySettings
 from gateway.workerhttp import KEEPALIVE_EXPIRY_S, httpcore_transport
 
-VARIANTS = ("httpx-default", "httpx-tuned", "httpx-aiohttp", "aiohttp")
+VARIANTS = ("httpx-default", "httpx-tuned", "httpx-aiohttp", "aiohttp", "httptools")
+OWN_CLIENTS = ("aiohttp", "httptools")  # chosen by `upstream_transport`, no transport handed in
 FIXES = {
     "reuse": "read the upstream body to its end (the chunked terminator after [DONE]) before closing it, so the "
              "connection goes back to the pool instead of being dropped",
@@ -112,7 +114,7 @@ def apply_fixes(fixes: Sequence[str]) -> None:
 
 
 def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTransport | None:
-    """The transport handed to create_app; None keeps the gateway's own client (aiohttp, called directly)."""
+    """The transport handed to create_app; None keeps the client `upstream_transport` chooses."""
     if variant == "httpx-tuned":
         return httpcore_transport(settings)
     if variant == "httpx-default":
@@ -120,7 +122,7 @@ def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTra
     if variant == "httpx-aiohttp":
         limits = httpx.Limits(max_connections=settings.max_upstream_connections, keepalive_expiry=KEEPALIVE_EXPIRY_S)
         return AiohttpTransport(limits=limits, trust_env=False)
-    if variant == "aiohttp":
+    if variant in OWN_CLIENTS:
         return None
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
@@ -147,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.serve import UVICORN_MARGIN_S, DrainingServer
     from gateway.settings import load_settings
 
-    settings = load_settings(workers=args.workers, host=args.host, port=args.port, log_level=args.log_level)
+    own_client = {"upstream_transport": base} if base in OWN_CLIENTS else {}
+    settings = load_settings(workers=args.workers, host=args.host, port=args.port, log_level=args.log_level,
+                             **own_client)
     app = create_app(settings, transport=transport_for(base, settings))
     grace = int(settings.shutdown_grace_s) + UVICORN_MARGIN_S
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

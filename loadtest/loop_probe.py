@@ -136,8 +136,8 @@ def summarise(out: Path) -> str:
         rows.append(f"| {index} | {line['ticks']} | {lag['mean']:.2f} | {lag['p50']:.2f} | {lag['p99']:.2f} | "
                     f"{lag['max']:.2f} | {cpu['run']:.0f} | {cpu['run_queue']:.1f} | {cpu['steal']:.0f} | "
                     + " | ".join(gens) + " |")
-    text = "\n".join(rows) + ("\n\n(ms; on CPU: the gateway's CPU time in the interval; run queue: time it was runnable "
-                              "but another task had its core; steal: time the VM's host took from its core; "
+    text = "\n".join(rows) + ("\n\n(ms; on CPU: the gateway's CPU time in the interval; run queue: time it was "
+                              "runnable but another task had its core; steal: time the VM's host took from its core; "
                               "gen n / max / sum / freed: collections of that generation in the interval, "
                               "their longest and total pause, objects they found unreachable)\n")
     kinds: collections.Counter[str] = collections.Counter()

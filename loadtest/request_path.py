@@ -4,7 +4,7 @@
 
 Starts the fake engine (--client-cpu) and `specgate gateway` (--gateway-cpu) with timestamps taken at each
 stage of a request's way through it: uvicorn reading and parsing it, the app and middleware, the handler,
-validation, admission and routing, aiohttp building and writing the worker request, the worker's headers,
+validation, admission and routing, building and writing the worker request, the worker's headers,
 its first event, the response start and the first body write. Requests are sent one at a time, as at
 concurrency 1, and the table gives each stage's median. A measurement aid: the wrappers add a few µs per
 stage, and one process at idle runs colder (slower per step) than the same code under load.
@@ -38,7 +38,7 @@ STAGES = (
     ("validated", "body read, JSON parsed, schema validated"),
     ("open", "watch, admission, routing to a worker"),
     ("send", "the worker call starts"),
-    ("written", "aiohttp has built and written the request"),
+    ("written", "the worker request built and written"),
     ("headers", "the worker's response headers arrive"),
     ("opened", "its first event arrives (engine TTFT)"),
     ("respond", "relay and response built, response called"),
@@ -67,10 +67,9 @@ class Marks:
 
 def instrument(marks: Marks) -> None:
     """Wrap the stages' functions (looked up at call time by their callers) with timestamps."""
-    from aiohttp import client_reqrep
     from uvicorn.protocols.http import httptools_impl
 
-    from gateway import api, app, eventstream, upstream, workerhttp
+    from gateway import api, app, eventstream, upstream, workerwire
 
     protocol = httptools_impl.HttpToolsProtocol
     data_received, message_complete = protocol.data_received, protocol.on_message_complete
@@ -108,7 +107,7 @@ def instrument(marks: Marks) -> None:
 
     setattr(api, "forward", forward_marked)  # noqa: B010 (looked up at call time)
     setattr(api, "_validated_call", validated_marked)  # noqa: B010
-    open_stream, post = upstream.Upstream.open_stream, workerhttp.AiohttpWorkerClient.post
+    open_stream, post = upstream.Upstream.open_stream, workerwire.WireWorkerClient.post
 
     async def open_marked(self: Any, *args: Any) -> Any:
         marks.mark("open")
@@ -123,15 +122,14 @@ def instrument(marks: Marks) -> None:
         return reply
 
     setattr(upstream.Upstream, "open_stream", open_marked)  # noqa: B010 (typed by its signature otherwise)
-    setattr(workerhttp.AiohttpWorkerClient, "post", post_marked)  # noqa: B010
-    write_request = client_reqrep.ClientRequest.send
+    setattr(workerwire.WireWorkerClient, "post", post_marked)  # noqa: B010
+    wait = workerwire.WorkerConnection._wait
 
-    async def write_marked(self: Any, connection: Any) -> Any:
-        response = await write_request(self, connection)
-        marks.mark("written")
-        return response
+    async def wait_marked(self: Any) -> None:
+        marks.mark("written")  # a request's first wait follows its write at once
+        await wait(self)
 
-    setattr(client_reqrep.ClientRequest, "send", write_marked)  # noqa: B010
+    setattr(workerwire.WorkerConnection, "_wait", wait_marked)  # noqa: B010
     send_stream = eventstream.RelayEventStream._send_stream
 
     async def send_stream_marked(self: Any, send: Any, body_send: Any) -> None:

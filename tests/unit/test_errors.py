@@ -262,7 +262,7 @@ def test_errors_of_the_default_client_say_what_happened_to_the_worker_connection
 
 async def test_a_worker_port_with_nothing_listening_is_a_failed_connect_over_the_default_client() -> None:
     from gateway.upstream import Upstream
-    from gateway.workerhttp import worker_clients
+    from gateway.workerclients import worker_clients
     from tests.support import free_port
 
     url = f"http://127.0.0.1:{free_port()}"

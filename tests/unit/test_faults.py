@@ -294,7 +294,7 @@ def hanging_up_worker() -> Iterator[str]:
         listener.close()
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
+@pytest.mark.parametrize("transport", ["httptools", "aiohttp", "httpcore"])
 def test_a_worker_hanging_up_is_reported_as_such_with_either_connection_pool(transport: str) -> None:
     with hanging_up_worker() as worker_url:
         app = create_app(settings_for(worker_url, upstream_transport=transport, max_attempts=2))

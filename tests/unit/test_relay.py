@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -204,21 +205,22 @@ async def test_finished_requests_leave_no_worker_response_for_the_garbage_collec
     assert from_workers == []
 
 
-async def test_a_stream_over_the_default_client_is_read_straight_from_aiohttp_and_any_other_through_httpx() -> None:
+async def test_a_stream_is_read_straight_from_the_connection_over_the_default_and_aiohttp_clients() -> None:
     import time
 
     import aiohttp
 
     from gateway.upstream import Upstream
-    from gateway.workerhttp import worker_clients
+    from gateway.workerclients import worker_clients
+    from gateway.workerwire import WorkerConnection
     from tests.support import serve_in_thread
     from tests.unit.fakes import SlowWorker
 
     events = vllm_stream([1, 2])
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
 
-    async def read_all(url: str, transport: httpx.AsyncBaseTransport | None) -> tuple[object, bytes]:
-        async with worker_clients(settings_for(url), transport) as (worker_client, _):
+    async def read_all(url: str, transport: httpx.AsyncBaseTransport | None, **settings: Any) -> tuple[object, bytes]:
+        async with worker_clients(settings_for(url, **settings), transport) as (worker_client, _):
             upstream = Upstream(worker_client, settings_for(url), time.perf_counter)
             opened = await upstream.open_stream(url, "/v1/chat/completions", body, "r1")
             received = b"".join(event.raw + b"\n\n" for event in opened.first_events) + opened.splitter.pending
@@ -227,13 +229,16 @@ async def test_a_stream_over_the_default_client_is_read_straight_from_aiohttp_an
             await opened.aclose()
         return getattr(opened.reply.read, "__self__", None), received
 
+    # One call per chunk, no iterator layers: if this ever reads through a wrapper, it fails rather than slows down.
     with serve_in_thread(SlowWorker(events, gap_s=0.01)) as url:
         reader, received = await read_all(url, None)
-    # One call per chunk, no iterator layers: if this ever reads through a wrapper, it fails rather than slows down.
-    assert isinstance(reader, aiohttp.StreamReader)
-    assert received == b"".join(events)
+        assert isinstance(reader, WorkerConnection)
+        assert received == b"".join(events)
+        reader, received = await read_all(url, None, upstream_transport="aiohttp")
+        assert isinstance(reader, aiohttp.StreamReader)
+        assert received == b"".join(events)
 
     worker = _streaming_worker(events)
     reader, received = await read_all(worker.url, mock_transport(worker))
-    assert not isinstance(reader, aiohttp.StreamReader)
+    assert not isinstance(reader, aiohttp.StreamReader | WorkerConnection)
     assert received == b"".join(events)
