@@ -294,8 +294,12 @@ class WireWorkerClient:
     async def _connect(self, origin: Origin) -> WorkerConnection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
-        secure = scheme == "https"
-        context = (self._ssl_context or ssl.create_default_context()) if secure else None
+        context = None
+        if scheme == "https":
+            if self._ssl_context is None:
+                # Built once: loading the CA store per connection would read it from disk every time.
+                self._ssl_context = ssl.create_default_context()
+            context = self._ssl_context
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, connection = await loop.create_connection(
