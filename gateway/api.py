@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -12,6 +13,7 @@ from fastapi.responses import Response
 from gateway.disconnect import ClientWatch
 from gateway.errors import ClientDisconnected, GatewayError, ModelNotFound, RequestTooLarge, ShuttingDown
 from gateway.eventstream import RelayEventStream
+from gateway.hotroutes import Endpoint
 from gateway.metrics import RequestRecord
 from gateway.pool import Worker
 from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
@@ -38,10 +40,12 @@ async def completions(request: Request) -> Response:
     return await forward(request, services_of(request), "completion", COMPLETIONS_PATH)
 
 
-# The two forwarding routes are plain Starlette routes, first in the table: FastAPI's dependency solving and
-# per-request exit stacks took half of a lone request's ~0.35 ms from the app's entry to the handler
-# (loadtest/results/profile.md, "A lone request's path"), and these handlers need nothing from them.
-# Middleware and exception handlers apply to them as to every route.
+# POSTs to the forwarding routes skip Starlette's routing and exception middleware (gateway/hotroutes.py);
+# in the route table too, as plain Starlette routes (no dependency solving), for the full stack's answers to
+# other methods on these paths.
+FORWARDING_ROUTES: Mapping[str, Endpoint] = MappingProxyType({
+    CHAT_PATH: chat_completions, COMPLETIONS_PATH: completions,
+})
 router.add_route(CHAT_PATH, chat_completions, methods=["POST"])
 router.add_route(COMPLETIONS_PATH, completions, methods=["POST"])
 

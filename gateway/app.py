@@ -6,22 +6,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admission import Admission
-from gateway.api import router
+from gateway.api import FORWARDING_ROUTES, router
 from gateway.auth import ApiKeyMiddleware
 from gateway.dispatch import Dispatcher
 from gateway.drain import Drainer
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.eventstream import TRANSPORT_SEND
+from gateway.hotroutes import Endpoint, HotRoutes, wrapped_in
 from gateway.metrics import Metrics
 from gateway.pool import PoolTiming, WorkerPool
 from gateway.requestid import RequestIdMiddleware
@@ -36,12 +38,24 @@ CLIENT_CLOSED_STATUS = 499
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with the server's own `send` kept in the scope for response bodies (gateway/eventstream.py)."""
+    """FastAPI, with the server's own `send` kept in the scope for response bodies (gateway/eventstream.py), and
+    POSTs to the forwarding routes served off Starlette's routing and exception middleware (gateway/hotroutes.py)."""
+
+    def __init__(self, hot_routes: Mapping[str, Endpoint], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hot_routes = HotRoutes(hot_routes, self.exception_handlers)
+        self._hot_stack: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[TRANSPORT_SEND] = send
         try:
-            await super().__call__(scope, receive, send)
+            if self._hot_routes.serves(scope):
+                scope["app"] = self
+                if self._hot_stack is None:  # built at the first request, as Starlette builds its own stack
+                    self._hot_stack = wrapped_in(self.user_middleware, self._hot_routes)
+                await self._hot_stack(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
         finally:
             # uvicorn's `send` is a method of the object that holds the scope: left in it, that reference cycle
             # kept each request's objects (~20) for the collector to find (loadtest/results/profile.md).
@@ -96,7 +110,9 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await health
 
-    app = GatewayApp(title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = GatewayApp(
+        FORWARDING_ROUTES, title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.drainer = drainer
     app.include_router(router)
     app.add_exception_handler(GatewayError, _gateway_error)  # type: ignore[arg-type]

@@ -143,8 +143,17 @@ def start_vllm_router(upstream: str, cpu: str | None, log_dir: Path) -> Iterator
         yield Target("vllm-router", url, pid, note=f"vllm-router {peers.peer('vllm-router').version()}")
 
 
+@contextlib.contextmanager
+def start_bare_relay(upstream: str, cpu: str | None, log_dir: Path) -> Iterator[Target]:
+    port = free_port()
+    argv = [sys.executable, "-m", "loadtest.bare_relay", "--workers", upstream, "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with run_process(f"bare-relay-{port}", argv, url + "/health", cpu, log_dir) as pid:
+        yield Target("bare-relay", url, pid, note="bare-relay: the floor of a Python relay (loadtest/bare_relay.py)")
+
+
 def start_target(name: str, upstream: str, cpu: str | None, log_dir: Path) -> contextlib.AbstractContextManager[Target]:
-    """`specgate`, `specgate:<variant>`, `litellm` or `vllm-router` in front of `upstream`."""
+    """`specgate`, `specgate:<variant>`, `litellm`, `vllm-router` or `bare-relay` in front of `upstream`."""
     if name == "specgate":
         return start_specgate(upstream, cpu, log_dir)
     if name.startswith("specgate:"):
@@ -153,6 +162,8 @@ def start_target(name: str, upstream: str, cpu: str | None, log_dir: Path) -> co
         return start_litellm(upstream, cpu, log_dir)
     if name == "vllm-router":
         return start_vllm_router(upstream, cpu, log_dir)
+    if name == "bare-relay":
+        return start_bare_relay(upstream, cpu, log_dir)
     raise ValueError(f"unknown target {name!r}")
 
 

@@ -65,3 +65,20 @@ def test_a_rerun_level_replaces_the_old_rows_and_commands_only_describe_kept_row
     assert merged["commands"] == ["first", "second"]
     rerun = bench_gateways._merge(_phase("first", [1, 100]), _phase("again", [1, 100]))
     assert rerun.get("commands", [rerun["command"]]) == ["again"]
+
+
+def test_the_bare_relay_floor_delivers_every_event_and_token_it_is_sent(tmp_path: Path) -> None:
+    args = bench_gateways.build_parser().parse_args([
+        "--phases", "latency,chunks", "--targets", "direct,bare-relay", "--levels", "4", "--rounds", "1",
+        "--min-requests", "8", "--output-len", "5", "--ttft-ms", "5", "--gap-ms", "1",
+        "--chunk-level", "4", "--chunk-rounds", "1", "--gateway-cpu", "", "--client-cpu", "",
+        "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "report.md"),
+    ])
+    bench_gateways.run(args, "python -m loadtest.bench_gateways (test)")
+
+    for phase in ("latency", "chunks"):
+        rows = orjson.loads((tmp_path / "out" / f"{phase}.json").read_bytes())["rows"]
+        bare = next(row for row in rows if row["target"] == "bare-relay")
+        assert bare["requests"]["completed"] == 8 and not bare["errors"]
+        assert bare["client_events"] == bare["engine_events"] > 0
+        assert bare["client_tokens"] == bare["engine_tokens"] > 0

@@ -1,0 +1,70 @@
+"""Hot-route stage: the forwarding routes, served without Starlette's routing and exception middleware.
+
+Between the app's entry and a forwarding handler a request passed Starlette's error middleware, the gateway's
+own middleware, Starlette's exception middleware, FastAPI's exit-stack middleware, the router's match over
+every route and the route's request/response wrapper (which wraps exceptions once more): ~0.17 ms of a lone
+request's ~0.9 ms in the gateway before the worker has it, and a share of every request's CPU under load
+(loadtest/results/profile.md, "Forwarding routes off Starlette's stack"). Here a POST to one of these paths
+goes through the app's user middleware (request id, API keys: the same classes with the same arguments, built
+the way Starlette builds them) straight to its handler, and its errors go to the app's own exception handlers,
+looked up by the exception's class as Starlette's exception middleware looks them up. Every other request,
+and any other method on these paths (405), takes the full stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class HotRoutes:
+    """ASGI app for POST on a fixed set of paths; `serves(scope)` says whether a request is one of them."""
+
+    def __init__(self, endpoints: Mapping[str, Endpoint], handlers: Mapping[Any, Any]) -> None:
+        self._endpoints = dict(endpoints)
+        # The app's own dict, read at each error: handlers added after the app was built still apply.
+        self._handlers = handlers
+
+    def serves(self, scope: Scope) -> bool:
+        return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self._endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            response = await self._endpoints[scope["path"]](request)
+            await response(scope, receive, send_noting_start)
+        except Exception as exc:
+            handler = self._handler_for(exc)
+            if started or handler is None:
+                raise  # as under Starlette: once the response has started, only the server can end it
+            error_response = await handler(request, exc)
+            await error_response(scope, receive, send_noting_start)
+
+    def _handler_for(self, exc: Exception) -> ExceptionHandler | None:
+        for cls in type(exc).__mro__:
+            handler: ExceptionHandler | None = self._handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None
+
+
+def wrapped_in(middleware: Sequence[Middleware], app: ASGIApp) -> ASGIApp:
+    """`app` inside `middleware`, the first one outermost (as Starlette builds its stack)."""
+    for cls, args, kwargs in reversed(middleware):
+        app = cls(app, *args, **kwargs)
+    return app

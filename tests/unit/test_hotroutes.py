@@ -1,0 +1,68 @@
+"""POSTs to the forwarding routes skip Starlette's router and exception middleware, and answer as they did."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from gateway import api
+from gateway.protocol import OpenAICall
+from tests.unit.fakes import MODEL, ScriptedWorker, gateway_client, mock_transport, settings_for
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def _teapot(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 418, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def test_posts_to_forwarding_routes_bypass_the_router_and_other_methods_still_reach_it() -> None:
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": [], "usage": None}))
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
+        for route in app.router.routes:
+            if isinstance(route, Route) and route.path in api.FORWARDING_ROUTES:
+                route.app = _teapot  # what the router would answer with, were it asked
+        chat = await client.post(api.CHAT_PATH, json=CHAT, headers={"x-request-id": "hot-1"})
+        completion = await client.post(api.COMPLETIONS_PATH, json={"model": MODEL, "prompt": "hi"})
+        wrong_method = await client.get(api.CHAT_PATH)
+    assert chat.status_code == completion.status_code == 200, (chat.text, completion.text)
+    assert chat.headers["x-request-id"] == "hot-1" and completion.headers["x-request-id"]
+    assert [request.url.path for request in worker.seen if request.method == "POST"] == [
+        api.CHAT_PATH, api.COMPLETIONS_PATH,
+    ]
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"]
+
+
+async def test_an_unexpected_error_in_a_forwarding_handler_is_a_500_in_the_openai_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken(*args: object) -> OpenAICall:
+        raise RuntimeError("a bug")
+
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        monkeypatch.setattr(api, "_validated_call", broken)
+        failed = await client.post(api.CHAT_PATH, json=CHAT)
+        monkeypatch.undo()
+        after = await client.post(api.CHAT_PATH, json=CHAT)
+        rejected = await client.post(api.CHAT_PATH, json={"model": MODEL})
+    assert failed.status_code == 500 and failed.headers["x-request-id"]
+    assert failed.json()["error"]["message"] == "internal gateway error"
+    assert after.status_code == 200
+    assert rejected.status_code == 400 and rejected.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_api_keys_guard_the_forwarding_routes() -> None:
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    async with gateway_client(settings_for(worker.url, api_keys="k1"), mock_transport(worker)) as (client, _):
+        refused = await client.post(api.CHAT_PATH, json=CHAT)
+        allowed = await client.post(api.CHAT_PATH, json=CHAT, headers={"authorization": "Bearer k1"})
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert refused.headers["x-request-id"]
+    assert allowed.status_code == 200
+    assert [request.method for request in worker.seen].count("POST") == 1
