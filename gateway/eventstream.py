@@ -3,10 +3,13 @@
 Profiles (loadtest/results/profile.md) showed sse-starlette's per-stream costs: an anyio cancel scope around
 every write, a task group of four tasks per response, and, under load, the event-loop turns that every hand-off
 between those tasks adds to the time to first token. Here the stream is sent from the request's own task, the
-client is watched by the request's one ClientWatch (gateway/disconnect.py), one watchdog timer bounds the writes
-(gateway/cutoff.py), and only the ping runs beside it. sse-starlette's shutdown listener is not started: the
-gateway's drainer ends streams on shutdown with an error event (gateway/drain.py). The event framing, pings
-and send lock are sse-starlette's.
+client is watched by the request's one ClientWatch (gateway/disconnect.py), and one watchdog timer bounds the
+writes (gateway/cutoff.py). Pings start from a timer: most streams end before their first ping is due, and a
+task per stream that sleeps and is cancelled at the end cost ~2 % of the CPU with short requests. The send
+lock only orders pings against the stream's last write, so a stream that never pinged ends without it (taking
+an anyio lock costs an event-loop turn). sse-starlette's shutdown listener is not started: the gateway's
+drainer ends streams on shutdown with an error event (gateway/drain.py). The event framing, ping messages,
+ping loop and send lock are sse-starlette's.
 
 The response start goes through the whole middleware chain (it stamps the request id); the body goes straight
 to the server's `send` (`TRANSPORT_SEND`, put in the scope by the app): the four wrappers between them
@@ -19,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.event import ensure_bytes
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
@@ -43,10 +48,13 @@ class RelayEventStream(EventSourceResponse):
         self._after = after
         # A reader that takes no bytes for send_timeout is cut: one write waits that long under flow control.
         self._send_guard = WaitGuard(self.send_timeout or None)
+        self._pings: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_send: Send = scope.get(TRANSPORT_SEND, send)
-        ping = asyncio.get_running_loop().create_task(self._ping(body_send)) if self.ping_interval > 0 else None
+        ping_due = None
+        if self.ping_interval > 0:
+            ping_due = asyncio.get_running_loop().call_later(self.ping_interval, self._start_pings, body_send)
         try:
             with self._watch.guard():
                 await self._send_stream(send, body_send)
@@ -54,13 +62,31 @@ class RelayEventStream(EventSourceResponse):
             pass  # the relay saw the cancellation and closed the worker request
         finally:
             self.active = False
-            if ping is not None:
-                ping.cancel()
+            if ping_due is not None:
+                ping_due.cancel()
+            if self._pings is not None:
+                self._pings.cancel()
             self._send_guard.close()
             await self._watch.stop()
             with contextlib.suppress(Exception):
                 await self._content.aclose()
             await self._after()
+
+    def _start_pings(self, body_send: Send) -> None:
+        if self.active:
+            self._pings = asyncio.get_running_loop().create_task(self._ping_now_and_on(body_send))
+
+    async def _ping_now_and_on(self, body_send: Send) -> None:
+        """One ping now (the timer waited the first interval), then sse-starlette's loop: sleep, ping."""
+        ping = self.ping_message_factory() if self.ping_message_factory else ServerSentEvent(
+            comment=f"ping - {datetime.now(UTC)}", sep=self.sep
+        )
+        async with self._send_lock:
+            if self.active:
+                await self._send_with_timeout(
+                    body_send, {"type": "http.response.body", "body": ensure_bytes(ping, self.sep), "more_body": True}
+                )
+        await self._ping(body_send)
 
     async def _send_stream(self, send: Send, body_send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -77,8 +103,16 @@ class RelayEventStream(EventSourceResponse):
                 raise
             finally:
                 guard.end()
+        if self._pings is None:
+            # No ping was sent or is being sent, and none starts now (it checks `active` under the lock).
+            self.active = False
+            await self._end(body_send)
+            return
         async with self._send_lock:
             self.active = False
-            # Stopped first: uvicorn answers receive() with a disconnect once the response is complete.
-            await self._watch.stop()
-            await body_send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._end(body_send)
+
+    async def _end(self, body_send: Send) -> None:
+        # Stopped first: uvicorn answers receive() with a disconnect once the response is complete.
+        await self._watch.stop()
+        await body_send({"type": "http.response.body", "body": b"", "more_body": False})

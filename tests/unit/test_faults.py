@@ -83,6 +83,21 @@ def test_a_quiet_stream_gets_keepalive_pings_between_its_events() -> None:
     assert len(_events(reply.text)) == 5  # role, three tokens, [DONE]; the usage chunk was not asked for
 
 
+def test_the_first_ping_comes_one_interval_into_the_stream_and_short_streams_get_none() -> None:
+    # Events 0.6 s apart, pings every 0.4 s: the first ping lands between the first two events (at 0.4 s, not
+    # at 0.8 s, after the second event, as it would were the interval waited twice).
+    slow = SlowWorker(vllm_stream([1] * 2), gap_s=0.6)
+    quick = SlowWorker(vllm_stream([1] * 2), gap_s=0.01)
+    with gateway_over(slow, sse_ping_interval_s=0.4) as (url, _):
+        reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+    with gateway_over(quick, sse_ping_interval_s=0.4) as (url, _):
+        short = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+    events = [event for event in reply.text.split("\n\n") if event]
+    assert events[0].startswith("data:") and events[1].startswith(": ping"), events
+    assert events[-1] == "data: [DONE]"
+    assert short.status_code == 200 and ": ping" not in short.text and short.text.endswith("data: [DONE]\n\n")
+
+
 def test_graceful_shutdown_refuses_new_work_and_ends_long_streams_after_the_grace() -> None:
     long_stream = SlowWorker(vllm_stream([1] * 400), gap_s=0.02)
     with (
