@@ -20,8 +20,11 @@ from gateway.settings import GatewaySettings
 # Beyond the drain grace, so streams end with the gateway's own error event rather than being cut.
 UVICORN_MARGIN_S = 5
 # Net new container objects before a young collection (CPython's default is 700), and middle-generation
-# collections between two full ones (default 10); cyclic garbage stays bounded by the first.
-YOUNG_COLLECTION_AFTER = 10_000
+# collections between two full ones (default 10); cyclic garbage stays bounded by the first: 100,000 objects
+# left to the collector start a collection. At 10,000, streams starting and ending at 300 streams drifted
+# the count past it every second or two, each time a 14-26 ms pause that found nothing
+# (loadtest/results/profile.md).
+YOUNG_COLLECTION_AFTER = 100_000
 FULL_COLLECTION_AFTER = 1000
 # libuv (uvloop's core) accepts one connection per listening handle per event-loop turn (libuv#3696). With
 # hundreds of streams to relay a turn takes tens of ms, so new connections waited in the kernel's queue, one let
@@ -47,7 +50,7 @@ class DrainingServer(uvicorn.Server):
         # gateway/app.py, gateway/upstream.py, tests/unit/test_garbage.py), so collections find nothing, yet
         # with CPython's defaults a hundred open streams set off ~15 young collections a second (2-5 ms each),
         # a middle one each second (~10 ms) and a full one every few seconds (10-50 ms), every one a pause for
-        # all streams; with these thresholds only growth of the live set by 10,000 objects starts one
+        # all streams; with these thresholds only growth of the live set by 100,000 objects starts one
         # (loadtest/results/profile.md).
         gc.set_threshold(YOUNG_COLLECTION_AFTER, gc.get_threshold()[1], FULL_COLLECTION_AFTER)
 

@@ -41,6 +41,8 @@ FIXES = {
     "asyncdep": "get_services as an async dependency: FastAPI runs a sync one in its thread pool on every request",
     "gcdefault": "the opposite of the shipped collector setting, for an A/B: CPython's default thresholds after "
                  "startup (700, 10, 10) instead of gateway.serve's YOUNG_ and FULL_COLLECTION_AFTER",
+    "gcyoung10k": "the previous shipped collector setting, for an A/B: young collections after 10,000 net new "
+                  "container objects instead of gateway.serve's YOUNG_COLLECTION_AFTER (100,000)",
     "cycles": "the opposite of the shipped unlinking, for an A/B: closed responses keep httpx's response <-> "
               "stream reference cycle, so their objects wait for the garbage collector (worker streams no longer "
               "go through httpx.AsyncClient, which made that cycle; the pool's own calls still do; with an "
@@ -64,6 +66,10 @@ def apply_fixes(fixes: Sequence[str]) -> None:
 
         setattr(serve, "YOUNG_COLLECTION_AFTER", 700)  # noqa: B010 (read at startup, after this patch)
         setattr(serve, "FULL_COLLECTION_AFTER", 10)  # noqa: B010
+    if "gcyoung10k" in fixes:
+        from gateway import serve
+
+        setattr(serve, "YOUNG_COLLECTION_AFTER", 10_000)  # noqa: B010 (read at startup, after this patch)
     if "cycles" in fixes:
         from gateway import pool, workerhttp
 
