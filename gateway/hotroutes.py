@@ -4,11 +4,11 @@ Between the app's entry and a forwarding handler a request passed Starlette's er
 own middleware, Starlette's exception middleware, FastAPI's exit-stack middleware, the router's match over
 every route and the route's request/response wrapper (which wraps exceptions once more): ~0.17 ms of a lone
 request's ~0.9 ms in the gateway before the worker has it, and a share of every request's CPU under load
-(loadtest/results/profile.md, "Forwarding routes off Starlette's stack"). Here a POST to one of these paths
-goes through the app's user middleware (request id, API keys: the same classes with the same arguments, built
-the way Starlette builds them) straight to its handler, and its errors go to the app's own exception handlers,
-looked up by the exception's class as Starlette's exception middleware looks them up. Every other request,
-and any other method on these paths (405), takes the full stack.
+(loadtest/results/profile.md, "Per-request trims"). Here a POST to one of these paths goes through the app's
+user middleware (request id, API keys: the same classes with the same arguments, built the way Starlette
+builds them) straight to its handler, and its errors go to the app's own exception handlers, looked up as
+Starlette's exception middleware looks them up (an HTTP exception's status code first, then the exception's
+class and its bases). Every other request, and any other method on these paths (405), takes the full stack.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -56,6 +57,9 @@ class HotRoutes:
             await error_response(scope, receive, send_noting_start)
 
     def _handler_for(self, exc: Exception) -> ExceptionHandler | None:
+        if isinstance(exc, HTTPException) and exc.status_code in self._handlers:
+            by_status: ExceptionHandler = self._handlers[exc.status_code]
+            return by_status
         for cls in type(exc).__mro__:
             handler: ExceptionHandler | None = self._handlers.get(cls)
             if handler is not None:

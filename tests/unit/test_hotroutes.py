@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway import api
+from gateway.hotroutes import HotRoutes
 from gateway.protocol import OpenAICall
 from tests.unit.fakes import MODEL, ScriptedWorker, gateway_client, mock_transport, settings_for
 
@@ -66,3 +70,24 @@ async def test_api_keys_guard_the_forwarding_routes() -> None:
     assert refused.headers["x-request-id"]
     assert allowed.status_code == 200
     assert [request.method for request in worker.seen].count("POST") == 1
+
+
+async def test_errors_find_their_handler_as_under_starlette_status_code_first_then_class() -> None:
+    async def teapot(request: Request) -> Response:
+        raise HTTPException(418)
+
+    async def lookup(request: Request) -> Response:
+        raise KeyError("x")
+
+    async def by_status(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("by status", status_code=418)
+
+    async def by_class(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse(f"by class {type(exc).__name__}", status_code=500)
+
+    routes = HotRoutes({"/teapot": teapot, "/lookup": lookup}, {418: by_status, LookupError: by_class})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=routes), base_url="http://hot") as client:
+        teapot_answer = await client.post("/teapot")
+        lookup_answer = await client.post("/lookup")
+    assert (teapot_answer.status_code, teapot_answer.text) == (418, "by status")
+    assert (lookup_answer.status_code, lookup_answer.text) == (500, "by class KeyError")
