@@ -103,16 +103,9 @@ class RelayEventStream(EventSourceResponse):
                 raise
             finally:
                 guard.end()
-        if self._pings is None:
-            # No ping was sent or is being sent, and none starts now (it checks `active` under the lock).
+        # Without a ping task nothing else writes, and none starts now (it checks `active` under the lock).
+        async with self._send_lock if self._pings is not None else contextlib.nullcontext():
             self.active = False
-            await self._end(body_send)
-            return
-        async with self._send_lock:
-            self.active = False
-            await self._end(body_send)
-
-    async def _end(self, body_send: Send) -> None:
-        # Stopped first: uvicorn answers receive() with a disconnect once the response is complete.
-        await self._watch.stop()
-        await body_send({"type": "http.response.body", "body": b"", "more_body": False})
+            # Stopped first: uvicorn answers receive() with a disconnect once the response is complete.
+            await self._watch.stop()
+            await body_send({"type": "http.response.body", "body": b"", "more_body": False})
