@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import orjson
 
 from loadtest import bench_gateways
+from loadtest.bench_procs import process_cpu_seconds
 from loadtest.bench_report import one_to_one
 
 
@@ -82,3 +85,14 @@ def test_the_bare_relay_floor_delivers_every_event_and_token_it_is_sent(tmp_path
         assert bare["requests"]["completed"] == 8 and not bare["errors"]
         assert bare["client_events"] == bare["engine_events"] > 0
         assert bare["client_tokens"] == bare["engine_tokens"] > 0
+
+
+def test_process_cpu_time_resolves_less_than_a_clock_tick() -> None:
+    # A short benchmark round costs a fast gateway a few ms of CPU; whole 10 ms ticks would read that as 0.
+    before = process_cpu_seconds(os.getpid())
+    spin_until = time.thread_time() + 0.003
+    while time.thread_time() < spin_until:
+        pass
+    spent = process_cpu_seconds(os.getpid()) - before
+    # Whole ticks would read 0 or 0.01.
+    assert 0.0025 < spent < 0.009
