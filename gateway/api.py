@@ -181,6 +181,7 @@ async def _stream(
         relay.events(),
         watch=watch,
         after=relay.settle,
+        is_final=lambda: relay.final,
         ping=services.settings.sse_ping_interval_s,
         sep="\n",
         send_timeout=services.settings.sse_send_timeout_s,

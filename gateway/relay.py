@@ -70,7 +70,7 @@ class Relay:
     Any other ending (error, disconnect, cancellation) closes and records inside `events()` itself.
     """
 
-    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_record", "_settled", "_stream", "_usage")
+    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_record", "_settled", "_stream", "_usage", "final")
 
     def __init__(self, stream: OpenStream, record: RequestRecord, usage: UsageFilter, clock: Callable[[], float],
                  on_finish: Callable[[RequestRecord], None]) -> None:
@@ -82,6 +82,9 @@ class Relay:
         self._clean_end = False
         self._ended = False
         self._settled = False
+        # True while `events()` holds its last chunk out ([DONE] or an error event): the response sends it with
+        # the body's end in one write.
+        self.final = False
 
     async def events(self) -> AsyncGenerator[bytes, None]:
         """The client's stream. Cancelled on client disconnect; the finally closes the worker request."""
@@ -116,6 +119,7 @@ class Relay:
                     if event.is_done:
                         saw_done = True
                 if out:
+                    self.final = failed or saw_done
                     yield out
                     now = clock()
                     for tokens in content_tokens:
@@ -135,7 +139,7 @@ class Relay:
                 pending = [Event.parse(raw) for raw in stream.splitter.feed(chunk)]
         except GatewayError as exc:
             record.status = exc.metric_status
-            finished = True
+            finished = self.final = True
             yield exc.sse_event()
         except (asyncio.CancelledError, GeneratorExit):
             record.disconnected = True

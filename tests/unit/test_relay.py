@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.app import create_app
 from tests.unit.fakes import (
     DONE,
     MODEL,
@@ -242,3 +244,43 @@ async def test_a_stream_is_read_straight_from_the_connection_over_the_default_an
     reader, received = await read_all(worker.url, mock_transport(worker))
     assert not isinstance(reader, aiohttp.StreamReader | WorkerConnection)
     assert received == b"".join(events)
+
+
+async def _asgi_messages(events: list[bytes]) -> list[dict[str, Any]]:
+    """The app's ASGI messages for one streaming request, called as a server calls it."""
+    worker = _streaming_worker(events)
+    app = create_app(settings_for(worker.url), transport=mock_transport(worker))
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
+    }
+    async with app.router.lifespan_context(app):
+        await app(scope, receive, send)
+    return messages
+
+
+@pytest.mark.parametrize(("events", "last_event"), [
+    (vllm_stream([1, 1, 1]), b"data: [DONE]\n\n"),
+    (vllm_stream([1, 1, 1])[:2], b'"code":"upstream_failed"'),  # the worker hung up before [DONE]
+])
+async def test_the_last_event_and_the_body_end_leave_in_one_write(events: list[bytes], last_event: bytes) -> None:
+    messages = await _asgi_messages(events)
+    bodies = [message for message in messages if message["type"] == "http.response.body"]
+    assert [message["more_body"] for message in bodies] == [True] * (len(bodies) - 1) + [False]
+    assert last_event in bodies[-1]["body"] and bodies[-1]["body"].endswith(b"\n\n")
+    assert all(message["body"] for message in bodies)
