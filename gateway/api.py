@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
@@ -11,7 +12,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from gateway.disconnect import ClientWatch
-from gateway.errors import ClientDisconnected, GatewayError, ModelNotFound, RequestTooLarge, ShuttingDown
+from gateway.errors import (
+    ClientDisconnected,
+    GatewayError,
+    ModelNotFound,
+    RequestTooLarge,
+    ShuttingDown,
+    UpstreamTimeout,
+)
 from gateway.eventstream import RelayEventStream
 from gateway.hotroutes import Endpoint
 from gateway.metrics import RequestRecord
@@ -105,10 +113,12 @@ async def forward(request: Request, services: Services, kind: Kind, path: str) -
             with watch.guard():
                 ticket = await services.admission.acquire()
         except (GatewayError, ClientDisconnected) as exc:
+            # A wait that ended in a 429 or a client gone is a wait too: under overload, the ones that matter.
+            record.queue_left_at = services.clock()
             _finish_early(services, record, exc)
             _account(services, record)
             raise
-        record.admitted_at = services.clock()
+        record.queue_left_at = services.clock()
         in_flight = services.metrics.child(services.metrics.in_flight, call.model)
         in_flight.inc()
 
@@ -192,7 +202,14 @@ async def _complete(
     services: Services, call: OpenAICall, record: RequestRecord, path: str,
     on_finish: Callable[[RequestRecord], None],
 ) -> Response:
-    worker, content = await _routed(services, call, record, path, services.upstream.complete)
+    # One deadline for the whole call, retries included: a worker that dribbles its answer is cut at it, and
+    # a retry after a timeout would start a new generation with the client's time already spent.
+    limit = services.settings.request_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            worker, content = await _routed(services, call, record, path, services.upstream.complete)
+    except TimeoutError:
+        raise UpstreamTimeout(f"no whole answer from the workers within {limit:g}s") from None
     services.pool.finished(worker)
     try:
         usage = orjson.loads(content).get("usage") or {}

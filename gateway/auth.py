@@ -1,4 +1,4 @@
-"""Auth stage: bearer API keys on /v1 routes, compared in constant time."""
+"""Auth stage: bearer API keys on the API and admin routes, compared in constant time."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import AuthenticationFailed
 
-PROTECTED_PREFIX = "/v1/"
+# The admin view lists worker addresses and load: not for anyone who can reach the port.
+PROTECTED_PREFIXES = ("/v1/", "/admin/")
 
 
 class ApiKeyMiddleware:
@@ -20,7 +21,7 @@ class ApiKeyMiddleware:
         self._keys = [key.encode() for key in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._keys or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+        if not self._keys or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
         if self._accepts(_bearer(scope)):

@@ -18,13 +18,16 @@ class Drainer:
         self.draining = False
         self._open: set[OpenStream] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline: float | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     def track(self, stream: OpenStream) -> None:
-        if self.draining and self._loop is not None:
-            stream.end_by(self._loop.time() + self.grace_s)
+        # A stream that opens during the drain (it was queued or waiting for its first token) ends at the same
+        # deadline as the others: a grace of its own would outlast the server's, which cuts it without an event.
+        if self._deadline is not None:
+            stream.end_by(self._deadline)
         self._open.add(stream)
 
     def untrack(self, stream: OpenStream) -> None:
@@ -42,7 +45,7 @@ class Drainer:
     def _begin(self) -> None:
         assert self._loop is not None
         self.draining = True
-        deadline = self._loop.time() + self.grace_s
+        deadline = self._deadline = self._loop.time() + self.grace_s
         logger.info("draining: %d open stream(s) get %.0fs to finish", len(self._open), self.grace_s)
         for stream in self._open:
             stream.end_by(deadline)

@@ -127,18 +127,18 @@ class ShuttingDown(GatewayError):
 
 
 class UpstreamRejected(GatewayError):
-    """A worker's own 4xx answer, passed to the client unchanged (body and status)."""
+    """A worker's own 4xx answer with its status: its body unchanged when it is an OpenAI error envelope (as
+    vLLM's are), else its text in one (a proxy's HTML page, say), so clients always get the envelope."""
 
     error_type = "invalid_request_error"
 
-    def __init__(self, status: int, raw_body: bytes, content_type: str | None) -> None:
+    def __init__(self, status: int, raw_body: bytes) -> None:
         super().__init__(raw_body.decode("utf-8", "replace")[:500])
         self.upstream_status = status
         self.raw_body = raw_body
-        self.content_type = content_type or "application/json"
 
     def body(self) -> bytes:
-        return self.raw_body
+        return self._as_envelope()
 
     def sse_event(self) -> bytes:
         return b"data: " + self._as_envelope() + b"\n\n"

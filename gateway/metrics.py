@@ -48,7 +48,8 @@ class RequestRecord:
     received_at: float
     worker: str = "none"
     status: str = "200"
-    admitted_at: float | None = None
+    # When it left the admission queue: admitted, refused (queue full or waited too long) or its client gone.
+    queue_left_at: float | None = None
     upstream_sent_at: float | None = None
     upstream_first_token_at: float | None = None
     first_token_at: float | None = None
@@ -72,7 +73,7 @@ class RequestRecord:
 
     @property
     def queue_seconds(self) -> float | None:
-        return None if self.admitted_at is None else self.admitted_at - self.received_at
+        return None if self.queue_left_at is None else self.queue_left_at - self.received_at
 
     @property
     def ttft_seconds(self) -> float | None:
@@ -173,7 +174,7 @@ class Metrics:
             model_worker, buckets=LATENCY_BUCKETS, registry=reg,
         )
         self.queue = Histogram(
-            "specgate_queue_seconds", "Time waiting for admission.", ["model"],
+            "specgate_queue_seconds", "Time waiting for admission, admitted or not.", ["model"],
             buckets=QUEUE_BUCKETS, registry=reg,
         )
         self.requests = Counter(

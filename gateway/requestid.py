@@ -38,6 +38,8 @@ def _client_id(scope: Scope) -> str | None:
     for key, value in scope["headers"]:
         if key == HEADER:
             text: str = value.decode("latin-1").strip()
-            if 0 < len(text) <= MAX_CLIENT_ID and text.isprintable():
+            # ASCII only: the id goes back to the client, to the worker and into logs, and must read the same
+            # in each (a latin-1 byte would come back as two UTF-8 bytes, or fail an ASCII-only client).
+            if 0 < len(text) <= MAX_CLIENT_ID and text.isascii() and text.isprintable():
                 return text
     return None

@@ -119,31 +119,25 @@ class Upstream:
             raise
 
     async def complete(self, worker_url: str, path: str, body: bytes, request_id: str) -> bytes:
-        """A non-streaming call: the whole body of a 200 answer, within the request timeout for the whole call.
-
-        The clients bound each wait for bytes; the deadline here also stops a worker that dribbles its answer.
-        """
-        limit = self._settings.request_timeout_s
+        """A non-streaming call: the whole body of a 200 answer. The clients bound each wait for bytes; the
+        whole call, every attempt included, is bounded by the caller (`gateway.api`)."""
         try:
-            async with asyncio.timeout(limit):
-                reply = await self._client.post(worker_url, path, body, request_id, False)
-                try:
-                    if reply.status != 200:
-                        raise await _status_error(reply)
-                    return await reply.body()
-                finally:
-                    await reply.aclose()
+            reply = await self._client.post(worker_url, path, body, request_id, False)
+            try:
+                if reply.status != 200:
+                    raise await _status_error(reply)
+                return await reply.body()
+            finally:
+                await reply.aclose()
         except TRANSPORT_ERRORS as exc:
             raise map_transport_error(exc) from exc
-        except TimeoutError:
-            raise UpstreamTimeout(f"worker did not finish its answer within {limit:g}s") from None
 
 
 async def _status_error(reply: WorkerReply) -> GatewayError:
     body = await reply.body(MAX_ERROR_BODY)
     status = reply.status
     if 400 <= status < 500 and status not in (408, 429):
-        return UpstreamRejected(status, body, reply.headers.get("content-type"))
+        return UpstreamRejected(status, body)
     detail = body.decode("utf-8", "replace")[:300]
     if status in (429, 503):
         return NoWorkerAvailable(f"worker is busy or draining ({status}): {detail}", retry_after_s=1)

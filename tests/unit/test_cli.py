@@ -46,3 +46,10 @@ def test_models_path_honours_the_environment(
     monkeypatch.setenv("SPECGATE_MODELS_DIR", "/somewhere/models")
     assert main(["models", "path"]) == 0
     assert capsys.readouterr().out.strip() == "/somewhere/models"
+
+
+def test_the_routing_flag_names_every_policy() -> None:
+    from gateway.cli import ROUTING_POLICIES
+    from gateway.routing import POLICIES
+
+    assert sorted(ROUTING_POLICIES) == sorted(POLICIES)

@@ -106,6 +106,24 @@ def test_disconnect_while_queued_never_reaches_a_worker() -> None:
         )
 
 
+def test_a_wait_that_ends_in_a_429_is_counted_as_queue_time() -> None:
+    worker = SlowWorker(vllm_stream([1] * 100), gap_s=0.05)
+    with (
+        gateway_before(worker, max_concurrency=1, max_queue=4, queue_timeout_s=0.3) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+        client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as holding,
+    ):
+        lines = holding.iter_lines()  # kept: a collected iterator closes the connection
+        next(lines)
+        refused = client.post("/v1/chat/completions", json=CHAT)
+        # The holder is still streaming, so the one queue time recorded is the refused request's.
+        metrics = client.get("/metrics").text
+    assert refused.status_code == 429
+    assert 'specgate_queue_seconds_count{model="demo"} 1.0' in metrics
+    total = next(line for line in metrics.splitlines() if line.startswith('specgate_queue_seconds_sum{model="demo"}'))
+    assert float(total.split()[-1]) >= 0.3
+
+
 def _abandon_after(url: str, body: dict[str, object], moment: threading.Event) -> None:
     """Send a request on a raw socket and hang up once `moment` is set."""
     import json

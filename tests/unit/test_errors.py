@@ -124,6 +124,15 @@ async def test_worker_4xx_passes_through_unchanged_and_is_not_retried() -> None:
     assert len(worker.seen) + len(other.seen) == 1
 
 
+async def test_a_worker_4xx_that_is_not_an_envelope_comes_back_in_one() -> None:
+    # Something between the gateway and vLLM (a proxy, a wrong port) answering in its own format.
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(404, text="<html>Not Found</html>"))
+    response = await _post(worker, CHAT)
+    error = _assert_envelope(response, 404, "invalid_request_error")
+    assert response.headers["content-type"] == "application/json"
+    assert "Not Found" in error["message"]
+
+
 async def test_worker_5xx_on_every_worker_is_a_502_with_retry_after() -> None:
     workers = [ScriptedWorker(url=f"http://w{i}:8100", on_post=lambda r: httpx.Response(500, text="boom"))
                for i in range(2)]
@@ -218,10 +227,13 @@ async def test_api_keys_are_required_when_configured() -> None:
         wrong = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer nope"})
         right = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer key-two"})
         health = await client.get("/health")
+        admin = await client.get("/admin/workers")
+        admin_with_key = await client.get("/admin/workers", headers={"authorization": "Bearer key-one"})
     _assert_envelope(missing, 401, "authentication_error")
     _assert_envelope(wrong, 401)
+    _assert_envelope(admin, 401)  # it lists worker addresses
     assert missing.headers["x-request-id"]
-    assert right.status_code == 200
+    assert right.status_code == 200 and admin_with_key.status_code == 200
     assert health.status_code == 200
 
 

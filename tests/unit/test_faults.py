@@ -58,6 +58,20 @@ def test_a_worker_with_no_first_token_in_time_is_abandoned_for_another() -> None
     assert hung.started.is_set() and wait_until(hung.disconnected.is_set, 2), "the hung request was closed"
 
 
+def test_a_whole_call_ends_at_the_request_timeout_with_retries_counted_in_it() -> None:
+    # Each worker dribbles its answer: every wait is far inside the limit, the whole answer takes 1.2 s.
+    dribbling = [SlowWorker([b"{" + b" " * 16] * 6 + [b"}"], gap_s=0.2) for _ in range(2)]
+    with gateway_over(*dribbling, request_timeout_s=0.5, routing="round_robin") as (url, _):
+        started = time.monotonic()
+        reply = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10)
+        took = time.monotonic() - started
+    assert reply.status_code == 504 and reply.json()["error"]["type"] == "upstream_timeout"
+    # Cut at 0.5 s, not once per worker: the second worker was never asked.
+    assert took < 0.9, took
+    assert sum(worker.started.is_set() for worker in dribbling) == 1
+    assert wait_until(lambda: any(worker.disconnected.is_set() for worker in dribbling), 2)
+
+
 def test_a_stalled_stream_ends_with_an_idle_timeout_error_event() -> None:
     stalled = SlowWorker(vllm_stream([1] * 5), gap_s=30)
     with gateway_over(stalled, stream_idle_timeout_s=0.3) as (url, _):
@@ -130,6 +144,19 @@ def test_a_stream_that_finishes_within_the_grace_is_not_cut() -> None:
         app.state.drainer.begin()
         rest = [line for line in lines if line.startswith("data:")]
     assert rest[-1] == "data: [DONE]"
+
+
+def test_a_stream_that_opens_during_the_drain_ends_at_the_same_deadline() -> None:
+    # Its first token comes 1 s after the drain began; a grace counted from then would end it at 2 s.
+    late = SlowWorker(vllm_stream([1] * 400), gap_s=0.02, first_delay_s=1.0)
+    with gateway_over(late, shutdown_grace_s=1.0) as (url, app), httpx.Client(base_url=url, timeout=10) as client:
+        threading.Timer(0.05, app.state.drainer.begin).start()
+        started = time.monotonic()
+        reply = client.post("/v1/chat/completions", json=STREAM)
+        took = time.monotonic() - started
+    events = _events(reply.text)
+    assert json.loads(events[-1][6:])["error"]["code"] == "shutting_down"
+    assert took < 1.6, took
 
 
 @pytest.mark.anyio

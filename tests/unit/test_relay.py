@@ -123,10 +123,14 @@ async def test_client_request_id_is_echoed_and_forwarded() -> None:
     async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
         mine = await client.post("/v1/chat/completions", json=request, headers={"x-request-id": "abc-123"})
         generated = await client.post("/v1/chat/completions", json=request)
+        not_ascii = await client.post("/v1/chat/completions", json=request, headers={"x-request-id": b"caf\xe9"})
         models = await client.get("/v1/models")
     assert mine.headers["x-request-id"] == "abc-123"
     assert worker.seen[0].headers["x-request-id"] == "abc-123"
     assert len(generated.headers["x-request-id"]) == 32
+    # Replaced, not echoed changed: the worker and the client see the same id.
+    assert not_ascii.status_code == 200 and len(not_ascii.headers["x-request-id"]) == 32
+    assert worker.seen[-1].headers["x-request-id"] == not_ascii.headers["x-request-id"]
     assert models.headers["x-request-id"]
 
 
