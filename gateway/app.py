@@ -26,6 +26,7 @@ from gateway.eventstream import TRANSPORT_SEND
 from gateway.hotroutes import Endpoint, HotRoutes, wrapped_in
 from gateway.metrics import Metrics
 from gateway.pool import PoolTiming, WorkerPool
+from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIdMiddleware
 from gateway.services import Services
 from gateway.settings import GatewaySettings
@@ -152,4 +153,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unexpected error on %s", request.url.path)
-    return error_response(GatewayError("internal gateway error"))
+    response = error_response(GatewayError("internal gateway error"))
+    # Off the forwarding routes Starlette answers from outside the user middleware, which stamps the id.
+    request_id = request.scope.get("state", {}).get("request_id")
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER.decode()] = request_id
+    return response

@@ -91,3 +91,18 @@ async def test_errors_find_their_handler_as_under_starlette_status_code_first_th
         lookup_answer = await client.post("/lookup")
     assert (teapot_answer.status_code, teapot_answer.text) == (418, "by status")
     assert (lookup_answer.status_code, lookup_answer.text) == (500, "by class KeyError")
+
+
+async def test_an_unexpected_error_on_another_route_is_a_500_that_keeps_the_request_id() -> None:
+    # Starlette answers these from outside the user middleware, so the id is stamped by the handler itself.
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (_, app):
+        app.add_api_route("/v1/broken", broken)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            failed = await client.get("/v1/broken", headers={"x-request-id": "broken-1"})
+    assert failed.status_code == 500 and failed.json()["error"]["message"] == "internal gateway error"
+    assert failed.headers["x-request-id"] == "broken-1"
