@@ -11,6 +11,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from gateway.cutoff import DeadlinePassed, WaitGuard
 from gateway.disconnect import ClientWatch
 from gateway.errors import (
     ClientDisconnected,
@@ -203,13 +204,26 @@ async def _complete(
     on_finish: Callable[[RequestRecord], None],
 ) -> Response:
     # One deadline for the whole call, retries included: a worker that dribbles its answer is cut at it, and
-    # a retry after a timeout would start a new generation with the client's time already spent.
+    # a retry after a timeout would start a new generation with the client's time already spent. A drain
+    # ends the call at its own deadline (the guard's), with a 503 the client can retry elsewhere.
     limit = services.settings.request_timeout_s
+    drain = WaitGuard()
+    services.drainer.track(drain)
     try:
-        async with asyncio.timeout(limit):
-            worker, content = await _routed(services, call, record, path, services.upstream.complete)
+        try:
+            drain.begin()
+            async with asyncio.timeout(limit):
+                worker, content = await _routed(services, call, record, path, services.upstream.complete)
+        except asyncio.CancelledError:
+            drain.raise_if_cut()
+            raise
+    except DeadlinePassed:
+        raise ShuttingDown("the gateway is shutting down; retry the request", retry_after_s=1) from None
     except TimeoutError:
         raise UpstreamTimeout(f"no whole answer from the workers within {limit:g}s") from None
+    finally:
+        services.drainer.untrack(drain)
+        drain.close()
     services.pool.finished(worker)
     try:
         usage = orjson.loads(content).get("usage") or {}

@@ -146,6 +146,19 @@ def test_a_stream_that_finishes_within_the_grace_is_not_cut() -> None:
     assert rest[-1] == "data: [DONE]"
 
 
+def test_a_whole_call_still_running_at_the_drain_deadline_is_a_503_and_its_worker_is_let_go() -> None:
+    slow = SlowWorker([b'{"choices": []}'], gap_s=0.0, first_delay_s=30)
+    with gateway_over(slow, shutdown_grace_s=0.5) as (url, app), httpx.Client(base_url=url, timeout=10) as client:
+        threading.Timer(0.2, app.state.drainer.begin).start()
+        started = time.monotonic()
+        reply = client.post("/v1/chat/completions", json=CHAT)
+        took = time.monotonic() - started
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "shutting_down"
+    assert reply.headers["retry-after"]
+    assert took < 1.5, took
+    assert wait_until(slow.disconnected.is_set, 2)
+
+
 def test_a_stream_that_opens_during_the_drain_ends_at_the_same_deadline() -> None:
     # Its first token comes 1 s after the drain began; a grace counted from then would end it at 2 s.
     late = SlowWorker(vllm_stream([1] * 400), gap_s=0.02, first_delay_s=1.0)

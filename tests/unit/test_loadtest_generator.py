@@ -111,7 +111,9 @@ def test_ramp_up_spreads_stream_starts_and_leaves_its_requests_out_of_the_summar
     assert len(measured) == 12, "the cap counts measured requests only"
     assert all(r.ok for r in result.records)
     first_starts = sorted(r.start_s for r in ramp)[:4]
-    assert first_starts[0] < 0.02 and 0.04 < first_starts[1] < 0.09, first_starts
+    # Spread, not at once (the lower bound); the upper one leaves room for the host stalling the loop (a
+    # 50 ms stall once put the second start at 100 ms).
+    assert first_starts[0] < 0.02 and 0.04 < first_starts[1] < 0.15, first_starts
     assert all(r.start_s < 0.2 for r in ramp) and all(r.start_s >= 0.2 for r in measured)
     assert result.summary["requests"] == {"total": 12, "completed": 12, "failed": 0, "cancelled": 0,
                                           "ramp_up": len(ramp)}
