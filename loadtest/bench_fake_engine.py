@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest.bench_measure import engine_counters
 from loadtest.bench_procs import children_cpu_seconds, free_port, pinned, process_cpu_seconds, wait_healthy
 
 
@@ -41,8 +42,11 @@ def measure(args: argparse.Namespace, gap_ms: float, concurrency: int, out_dir: 
                        "--concurrency", str(concurrency), "--num-requests", str(concurrency * rounds),
                        "--no-progress", "--no-plots", "--output-dir", str(out_dir / name)]
         engine_before, client_before = process_cpu_seconds(engine.pid), children_cpu_seconds()
+        events_before = engine_counters(url)["events"]
         subprocess.run(pinned(args.client_cpu, client_argv), check=True, stdout=subprocess.DEVNULL)
         engine_cpu, client_cpu = process_cpu_seconds(engine.pid) - engine_before, children_cpu_seconds() - client_before
+        # Every event the engine wrote, failed and cancelled requests' too: its CPU went to all of them.
+        engine_events = engine_counters(url)["events"] - events_before
     finally:
         engine.terminate()
         engine.wait(timeout=10)
@@ -53,10 +57,10 @@ def measure(args: argparse.Namespace, gap_ms: float, concurrency: int, out_dir: 
         "offered_events_per_s": concurrency / (gap_ms / 1000) if gap_ms else None,
         "events_per_s": summary["event_throughput"], "events": events, "duration_s": summary["duration_s"],
         "engine_cpu_share": engine_cpu / summary["duration_s"],
-        "engine_us_per_event": engine_cpu / events * 1e6,
+        "engine_us_per_event": engine_cpu / engine_events * 1e6 if engine_events else None,
         # The client process also starts up and writes its report; that is inside its figure.
         "client_us_per_event": client_cpu / events * 1e6,
-        "engine_ceiling_events_per_s": events / engine_cpu if engine_cpu else None,
+        "engine_ceiling_events_per_s": engine_events / engine_cpu if engine_cpu else None,
         "ttft_p50_ms": summary["ttft_ms"]["p50"], "itl_p50_ms": summary["itl_ms"]["p50"],
         "itl_p99_ms": summary["itl_ms"]["p99"], "errors": sum(summary["errors"].values()),
     }

@@ -38,7 +38,8 @@ class RequestRecord:
     """Client-side measurements of one request, with the definitions of `vllm bench serve`.
 
     ttft: send → first event whose `choices` is non-empty. itl: gaps between successive such events.
-    latency (E2E): send → last such event. tpot: (latency - ttft) / (output_tokens - 1).
+    latency (E2E): send → last data event (the usage-only one included; not [DONE]).
+    tpot: (latency - ttft) / (output_tokens - 1).
     """
 
     index: int

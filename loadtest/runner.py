@@ -222,8 +222,10 @@ def arrival_offsets(rate: float, burstiness: float, seed: int, count: int | None
 
 
 async def _warm_up(config: LoadConfig, session: aiohttp.ClientSession, options: ClientOptions) -> None:
-    """Requests outside the measurement, so connection setup and server caches do not skew the first records."""
-    sessions = config.workload.sessions()
+    """Requests outside the measurement, so connection setup does not skew the first records. Their prompts
+    come from another seed where the workload has one: replaying the measured prompts would put them in the
+    server's prefix cache and understate those requests' TTFT (a trace has no other prompts to send)."""
+    sessions = config.workload.for_warm_up().sessions()
     for index in range(config.warmup_requests):
         first = next(next(sessions, iter(())), None)
         if first is None:

@@ -71,7 +71,8 @@ def _flatten(messages: tuple[dict[str, Any], ...]) -> str:
 class _StreamState:
     """Per-request parse state; one `feed` per network read, one timestamp per read."""
 
-    __slots__ = ("buffer", "chat", "last_event_at", "last_tokens", "record", "start", "texts", "want_text")
+    __slots__ = ("buffer", "chat", "content_events", "last_data_at", "last_event_at", "last_tokens", "record",
+                 "start", "texts", "want_text")
 
     def __init__(self, record: RequestRecord, start: float, chat: bool, want_text: bool) -> None:
         self.record = record
@@ -80,6 +81,9 @@ class _StreamState:
         self.want_text = want_text
         self.buffer = b""
         self.last_event_at = start
+        # As in vllm bench, E2E runs to the last data event of any kind (the usage-only one included).
+        self.last_data_at = start
+        self.content_events = 0
         self.last_tokens = 0
         self.texts: list[str] = []
 
@@ -116,9 +120,11 @@ class _StreamState:
         if not payload:
             return
         data = orjson.loads(payload)
+        self.last_data_at = now
         choices = data.get("choices")
         usage = data.get("usage")
         if choices:
+            # Timed from every event with choices, the role-only first one of a chat included, as vllm bench does.
             if record.ttft_s is None:
                 record.ttft_s = now - self.start
             else:
@@ -128,10 +134,11 @@ class _StreamState:
                 tokens = usage.get("completion_tokens") or 0
                 record.chunk_tokens.append(tokens - self.last_tokens)
                 self.last_tokens = tokens
-            if self.want_text:
-                choice = choices[0]
-                text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-                if text:
+            choice = choices[0]
+            text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+            if text:
+                self.content_events += 1
+                if self.want_text:
                     self.texts.append(text)
         elif usage:
             record.output_tokens = usage.get("completion_tokens") or 0
@@ -183,7 +190,7 @@ async def send_request(
 
 def _complete(record: RequestRecord, state: _StreamState, start: float) -> None:
     if record.ttft_s is not None:
-        record.latency_s = state.last_event_at - start
+        record.latency_s = state.last_data_at - start
     elif record.latency_s is None:
         record.latency_s = time.perf_counter() - start
     if record.kind == kinds.OK and record.ttft_s is None:
@@ -193,5 +200,6 @@ def _complete(record: RequestRecord, state: _StreamState, start: float) -> None:
         if state.last_tokens:
             record.output_tokens = state.last_tokens
         else:
-            record.output_tokens = len(record.itl_s) + 1
+            # One token per event that carried text (a chat's role-only first event carries none).
+            record.output_tokens = state.content_events
             record.tokens_estimated = True

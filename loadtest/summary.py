@@ -37,11 +37,21 @@ def _pkey(p: float) -> str:
 
 
 def per_token_gaps(record: RequestRecord) -> list[float]:
-    """Chunk gap ÷ tokens in the later chunk (the gateway's TBT); needs continuous usage stats."""
+    """The gateway's TBT: the gap between successive events that carry tokens ÷ the tokens in the later one.
+    Events without tokens (a chat's role-only first event) start no gap. Needs continuous usage stats."""
     tokens = record.chunk_tokens
     if len(tokens) != len(record.itl_s) + 1:
         return []
-    return [gap / count for gap, count in zip(record.itl_s, tokens[1:], strict=True) for _ in range(count)]
+    gaps: list[float] = []
+    since_tokens = 0.0 if tokens[0] > 0 else None  # time since the last event with tokens, once there is one
+    for gap, count in zip(record.itl_s, tokens[1:], strict=True):
+        if since_tokens is not None:
+            since_tokens += gap
+        if count > 0:
+            if since_tokens is not None:
+                gaps.extend([since_tokens / count] * count)
+            since_tokens = 0.0
+    return gaps
 
 
 def summarize(

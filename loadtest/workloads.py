@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,15 @@ class Workload(Protocol):
         """Sessions to run, in order; may be endless (the run's caps stop it)."""
         ...
 
+    def for_warm_up(self) -> Workload:
+        """The workload whose first sessions warm the server up: other prompts than the measured ones, where
+        it can make them, so the measured ones do not find their prefill in the server's prefix cache."""
+        ...
+
+
+# Added to a workload's seed for its warm-up prompts.
+WARM_UP_SEED_OFFSET = 1_000_003
+
 
 @dataclass(frozen=True, slots=True)
 class RandomPrompts:
@@ -55,6 +65,9 @@ class RandomPrompts:
     input_len: int = 256
     output_len: int = 128
     seed: int = 0
+
+    def for_warm_up(self) -> RandomPrompts:
+        return dataclasses.replace(self, seed=self.seed + WARM_UP_SEED_OFFSET)
 
     def sessions(self) -> Iterator[Session]:
         rng = random.Random(self.seed)
@@ -77,6 +90,9 @@ class SharedPrefixChat:
     output_len: int = 64
     seed: int = 0
 
+    def for_warm_up(self) -> SharedPrefixChat:
+        return dataclasses.replace(self, seed=self.seed + WARM_UP_SEED_OFFSET)
+
     def sessions(self) -> Iterator[Session]:
         rng = random.Random(self.seed)
         system = {"role": "system", "content": random_text(rng, self.system_tokens)}
@@ -98,6 +114,9 @@ class TraceReplay:
 
     path: Path
     time_scale: float = 1.0
+
+    def for_warm_up(self) -> TraceReplay:
+        return self  # a trace has no other prompts to send
 
     def sessions(self) -> Iterator[Session]:
         for spec in load_trace(self.path, self.time_scale):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -14,8 +15,8 @@ from loadtest.fake_config import FakeEngineConfig, FaultConfig
 from loadtest.fake_engine import FakeEngine, run_in_thread
 from loadtest.records import RequestRecord
 from loadtest.runner import LoadConfig, RunResult, arrival_offsets, run_scenario
-from loadtest.sse_client import _StreamState
-from loadtest.summary import summarize
+from loadtest.sse_client import _complete, _StreamState
+from loadtest.summary import per_token_gaps, summarize
 from loadtest.targets import TargetRefused, resolve_target
 from loadtest.workloads import RandomPrompts, SharedPrefixChat, TraceReplay
 
@@ -218,6 +219,38 @@ def test_stream_parser_handles_split_reads_comments_and_errors() -> None:
     assert failed.kind == "stream_error" and failed.error == "boom"
 
 
+def _parsed(events: list[tuple[float, bytes]]) -> tuple[RequestRecord, _StreamState]:
+    record = RequestRecord(index=0)
+    state = _StreamState(record, start=0.0, chat=True, want_text=False)
+    for now, event in events:
+        state.feed(event + b"\n\n", now)
+    _complete(record, state, 0.0)
+    return record, state
+
+
+def test_e2e_runs_to_the_usage_event_and_a_role_event_is_neither_a_token_nor_a_tbt_gap() -> None:
+    def chunk(delta: str, tokens: int | None) -> bytes:
+        usage = "" if tokens is None else f',"usage":{{"completion_tokens":{tokens}}}'
+        return f'data: {{"choices":[{{"delta":{delta}}}]{usage}}}'.encode()
+
+    usage_only = b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":3}}'
+    record, _ = _parsed([
+        (0.100, chunk('{"role":"assistant","content":""}', 0)), (0.101, chunk('{"content":"a"}', 1)),
+        (0.141, chunk('{"content":"bc"}', 3)), (0.190, usage_only), (0.195, b"data: [DONE]"),
+    ])
+    # As vllm bench: E2E to the last data event, the usage-only one (not [DONE], not the last token).
+    assert record.latency_s == pytest.approx(0.190)
+    assert record.ttft_s == pytest.approx(0.100) and record.itl_s == pytest.approx([0.001, 0.040])
+    # TBT starts at the first token: 40 ms over the 2 tokens of the later event, no 1 ms role-to-token gap.
+    assert per_token_gaps(record) == pytest.approx([0.020, 0.020])
+
+    no_usage, _ = _parsed([
+        (0.1, chunk('{"role":"assistant","content":""}', None)), (0.2, chunk('{"content":"a"}', None)),
+        (0.3, chunk('{"content":"bc"}', None)), (0.4, b"data: [DONE]"),
+    ])
+    assert no_usage.output_tokens == 2 and no_usage.tokens_estimated  # two events with text; the role has none
+
+
 def test_summary_percentiles_and_goodput() -> None:
     records = []
     for index, (ttft, latency) in enumerate([(0.1, 1.1), (0.2, 1.2), (0.3, 2.3), (0.4, 4.4)]):
@@ -239,3 +272,15 @@ def test_slo_parsing() -> None:
         assert parsed_name == name and parsed_seconds == pytest.approx(seconds)
     with pytest.raises(Exception, match="expected"):
         generator.parse_slo("itl=5ms")
+
+
+def test_warm_up_prompts_are_not_the_measured_ones() -> None:
+    # Replayed, the measured prompts would find their prefill in vLLM's prefix cache and read a low TTFT.
+    def first_requests(workload: RandomPrompts | SharedPrefixChat) -> list[str]:
+        specs = [next(session) for session in itertools.islice(workload.sessions(), 3)]
+        return [spec.prompt or str(spec.messages) for spec in specs]
+
+    for workload in (RandomPrompts(input_len=32, seed=5), SharedPrefixChat(users=3, seed=5)):
+        measured, warm_up = first_requests(workload), first_requests(workload.for_warm_up())
+        assert not set(measured) & set(warm_up)
+        assert first_requests(workload) == measured  # the measured run itself is unchanged
