@@ -268,9 +268,11 @@ async def run_scenario(config: LoadConfig, on_record: Callable[[RequestRecord], 
             duration = time.perf_counter() - run.start
             if progress is not None:
                 progress.close()
-    # Rates are over the measured part: from the end of the ramp-up, when every stream runs.
-    measured_s = duration - min(config.ramp_up_s, duration)
-    summary = summarize(run.records, measured_s, slos_s=dict(config.slos_s), percentiles=config.percentiles)
+    # Rates are over the measured part: from the end of the ramp-up, when every stream runs, counting what
+    # arrived in it from every request (the ramp-up's own requests run on into it).
+    ramp_up_s = min(config.ramp_up_s, duration)
+    summary = summarize(run.records, duration - ramp_up_s, slos_s=dict(config.slos_s), percentiles=config.percentiles,
+                        rate_window_s=(ramp_up_s, duration) if ramp_up_s > 0 else None)
     return RunResult(config=config, records=run.records, summary=summary, duration_s=duration, started_at=started_at)
 
 

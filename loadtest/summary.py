@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -56,8 +57,11 @@ def per_token_gaps(record: RequestRecord) -> list[float]:
 
 def summarize(
     records: Sequence[RequestRecord], duration_s: float, *, slos_s: Mapping[str, float] | None = None,
-    percentiles: Sequence[float] = (50.0, 90.0, 99.0),
+    percentiles: Sequence[float] = (50.0, 90.0, 99.0), rate_window_s: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
+    """Latencies over the measured requests (ramp-up ones left out); rates over `duration_s`, or, with
+    `rate_window_s` (start, end in run time), over what arrived inside that window from every request."""
+    all_records = records
     ramp_up = sum(r.ramp_up for r in records)
     records = [r for r in records if not r.ramp_up]
     ok = [r for r in records if r.ok]
@@ -101,7 +105,51 @@ def summarize(
             "good_requests": good,
             "request_goodput": good / duration_s,
         }
+    if rate_window_s is not None:
+        summary.update(_window_rates(all_records, rate_window_s, slos_s))
     return summary
+
+
+def _window_rates(
+    records: Sequence[RequestRecord], window_s: tuple[float, float], slos_s: Mapping[str, float] | None,
+) -> dict[str, Any]:
+    """Rates from the events and completions that fell inside the window, whichever request they belong to.
+
+    After a ramp-up, each stream is still busy with its first (unmeasured) request for a while: counting only
+    measured requests over the window would leave that time empty and understate every rate.
+    """
+    start, end = window_s
+    seconds = max(end - start, 1e-9)
+    events = completed = good = 0
+    output_tokens = input_tokens = 0.0
+    for record in records:
+        if not record.ok or record.ttft_s is None:
+            continue
+        arrivals = list(itertools.accumulate(record.itl_s, initial=record.start_s + record.ttft_s))
+        exact = len(record.chunk_tokens) == len(arrivals)
+        for index, arrived in enumerate(arrivals):
+            if start <= arrived <= end:
+                events += 1
+                output_tokens += record.chunk_tokens[index] if exact else record.output_tokens / len(arrivals)
+        if record.latency_s is not None and start <= record.start_s + record.latency_s <= end:
+            completed += 1
+            input_tokens += record.prompt_tokens or 0
+            if slos_s and _meets(record, slos_s):
+                good += 1
+    rates: dict[str, Any] = {
+        "rate_window_s": [start, end],
+        "request_throughput": completed / seconds,
+        "output_throughput": output_tokens / seconds,
+        "total_token_throughput": (input_tokens + output_tokens) / seconds,
+        "event_throughput": events / seconds,
+    }
+    if slos_s:
+        rates["goodput"] = {
+            "slos_ms": {name: limit * 1000.0 for name, limit in slos_s.items()},
+            "good_requests": good,
+            "request_goodput": good / seconds,
+        }
+    return rates
 
 
 def _meets(record: RequestRecord, slos_s: Mapping[str, float]) -> bool:

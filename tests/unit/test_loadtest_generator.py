@@ -284,3 +284,23 @@ def test_warm_up_prompts_are_not_the_measured_ones() -> None:
         measured, warm_up = first_requests(workload), first_requests(workload.for_warm_up())
         assert not set(measured) & set(warm_up)
         assert first_requests(workload) == measured  # the measured run itself is unchanged
+
+
+def test_rates_after_a_ramp_up_count_what_arrived_in_the_window_from_every_request() -> None:
+    # Window 1-3 s. The ramp-up request's last two events and its end fall inside it, so do all of the
+    # second request and the first event of the third (which ends after the window).
+    records = [
+        RequestRecord(index=0, ramp_up=True, start_s=0.0, ttft_s=0.5, itl_s=[1.0, 1.0], chunk_tokens=[0, 1, 1],
+                      output_tokens=2, latency_s=2.5),
+        RequestRecord(index=1, start_s=1.2, ttft_s=0.3, itl_s=[0.5], chunk_tokens=[1, 1], output_tokens=2,
+                      latency_s=0.8),
+        RequestRecord(index=2, start_s=2.5, ttft_s=0.2, itl_s=[0.5], chunk_tokens=[1, 1], output_tokens=2,
+                      latency_s=0.7),
+    ]
+    summary = summarize(records, 2.0, rate_window_s=(1.0, 3.0), slos_s={"ttft": 0.4})
+    assert summary["event_throughput"] == pytest.approx(5 / 2)
+    assert summary["output_throughput"] == pytest.approx(5 / 2)
+    assert summary["request_throughput"] == pytest.approx(2 / 2)
+    assert summary["goodput"]["good_requests"] == 1  # of the two that ended in the window, one met the TTFT
+    # Latencies stay over the measured requests only.
+    assert summary["ttft_ms"]["count"] == 2 and summary["requests"]["ramp_up"] == 1
