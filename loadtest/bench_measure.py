@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from loadtest.bench_targets import Target, rss_kib, tree_cpu_seconds
+from loadtest.fake_config import FakeEngineConfig
 from loadtest.records import RequestRecord
 from loadtest.runner import LoadConfig, run_scenario
 from loadtest.summary import summarize
@@ -25,6 +26,8 @@ from loadtest.workloads import RandomPrompts
 ENGINE_EVENTS = "fake_engine:sse_events_total"
 ENGINE_TOKENS = "vllm:generation_tokens_total"
 ENGINE_RUNNING = "vllm:num_requests_running"
+# The benchmarks run the fake engine with its default token text.
+TOKEN_TEXT = FakeEngineConfig().token_text
 
 
 def engine_counters(engine_url: str) -> dict[str, float]:
@@ -115,6 +118,9 @@ class Run:
         # Delivery, errors and rates count every request, ramp-up ones too; latencies only the measured ones.
         events = sum(len(r.itl_s) + (r.ttft_s is not None) for r in self.records)
         tokens = sum(r.output_tokens for r in self.records)
+        # Counted from the text received, not from the usage the engine reports (which would match its own count
+        # whatever was lost or repeated on the way): the fake engine writes TOKEN_TEXT once per token.
+        delivered_tokens = sum(r.content_chars for r in self.records) / len(TOKEN_TEXT)
         errors = Counter(r.kind for r in self.records if not r.ok)
         wall = max(self.duration_s, 1e-9)
         return {
@@ -124,7 +130,8 @@ class Run:
             "e2e_ms": summary["e2e_ms"], "event_throughput": events / wall,
             "output_throughput": tokens / wall,
             "client_events": events, "engine_events": self.engine_events,
-            "client_tokens": tokens, "engine_tokens": self.engine_tokens,
+            "client_tokens": round(delivered_tokens) if delivered_tokens.is_integer() else delivered_tokens,
+            "engine_tokens": self.engine_tokens,
             "tokens_estimated": summary["tokens_estimated"],
             "target_cpu_share": self.target_cpu_s / wall,
             "target_us_per_event": self.target_cpu_s / events * 1e6 if events else None,

@@ -57,6 +57,9 @@ class RequestRecord:
     chunk_tokens: list[int] = field(default_factory=list)
     # True when output_tokens was counted from events because the server sent no usage.
     tokens_estimated: bool = False
+    # Characters of generated text received: with a fake engine's fixed token text, the tokens delivered, as
+    # counted by the client rather than reported by the server.
+    content_chars: int = 0
     saw_done: bool = False
     session: str | None = None
     turn: int = 0

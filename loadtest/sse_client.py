@@ -138,6 +138,7 @@ class _StreamState:
             text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
             if text:
                 self.content_events += 1
+                record.content_chars += len(text)
                 if self.want_text:
                     self.texts.append(text)
         elif usage:

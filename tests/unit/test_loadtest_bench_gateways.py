@@ -9,8 +9,10 @@ from pathlib import Path
 import orjson
 
 from loadtest import bench_gateways
+from loadtest.bench_measure import TOKEN_TEXT, Run
 from loadtest.bench_procs import process_cpu_seconds
 from loadtest.bench_report import one_to_one
+from loadtest.records import RequestRecord
 
 
 def test_tiny_benchmark_writes_report_and_delivers_one_to_one(tmp_path: Path) -> None:
@@ -96,3 +98,15 @@ def test_process_cpu_time_resolves_less_than_a_clock_tick() -> None:
     spent = process_cpu_seconds(os.getpid()) - before
     # Whole ticks would read 0 or 0.01.
     assert 0.0025 < spent < 0.009
+
+
+def test_tokens_are_one_to_one_only_when_the_text_received_holds_them_all() -> None:
+    # The engine reports 5 tokens in its usage whatever reached the client; one event's text was lost.
+    def run_with(chars: int) -> dict[str, object]:
+        record = RequestRecord(index=0, ttft_s=0.01, itl_s=[0.01] * 5, output_tokens=5, latency_s=0.06,
+                               content_chars=chars)
+        return Run("relay", 1, records=[record], duration_s=1.0, engine_events=6, engine_tokens=5).row()
+
+    whole, short = run_with(5 * len(TOKEN_TEXT)), run_with(4 * len(TOKEN_TEXT))
+    assert whole["client_tokens"] == 5 and one_to_one(whole) == "yes"
+    assert short["client_tokens"] == 4 and one_to_one(short) == "**no**"
