@@ -98,7 +98,7 @@ async def forward(request: Request, services: Services, kind: Kind, path: str) -
     )
     try:
         if services.drainer.draining:
-            raise ShuttingDown("the gateway is shutting down; retry the request", retry_after_s=1)
+            raise ShuttingDown(retry_after_s=1)
         call = await _validated_call(request, services, kind)
     except (GatewayError, ClientDisconnected) as exc:
         _finish_early(services, record, exc)
@@ -218,7 +218,7 @@ async def _complete(
             drain.raise_if_cut()
             raise
     except DeadlinePassed:
-        raise ShuttingDown("the gateway is shutting down; retry the request", retry_after_s=1) from None
+        raise ShuttingDown(retry_after_s=1) from None
     except TimeoutError:
         raise UpstreamTimeout(f"no whole answer from the workers within {limit:g}s") from None
     finally:

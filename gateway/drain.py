@@ -22,10 +22,13 @@ class Drainer:
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
-        self.draining = False
         self._open: set[Endable] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadline: float | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self._deadline is not None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -47,7 +50,6 @@ class Drainer:
 
     def _begin(self) -> None:
         assert self._loop is not None
-        self.draining = True
         deadline = self._deadline = self._loop.time() + self.grace_s
         logger.info("draining: %d open stream(s) and call(s) get %.0fs to finish", len(self._open), self.grace_s)
         for stream in self._open:

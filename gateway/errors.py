@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import orjson
 
@@ -125,6 +125,9 @@ class ShuttingDown(GatewayError):
     error_type = "service_unavailable"
     default_code = "shutting_down"
 
+    def __init__(self, message: str = "the gateway is shutting down; retry the request", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+
 
 class UpstreamRejected(GatewayError):
     """A worker's own 4xx answer with its status: its body unchanged when it is an OpenAI error envelope (as
@@ -138,21 +141,13 @@ class UpstreamRejected(GatewayError):
         self.raw_body = raw_body
 
     def body(self) -> bytes:
-        return self._as_envelope()
-
-    def sse_event(self) -> bytes:
-        return b"data: " + self._as_envelope() + b"\n\n"
-
-    def _as_envelope(self) -> bytes:
         try:
             parsed = orjson.loads(self.raw_body)
         except orjson.JSONDecodeError:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
             return self.raw_body
-        return orjson.dumps(
-            {"error": {"message": self.message, "type": self.error_type, "param": None, "code": None}}
-        )
+        return super().body()
 
     @property
     def http_status(self) -> int:

@@ -60,7 +60,7 @@ class OpenStream:
             finally:
                 guard.end()
         except DeadlinePassed:
-            raise ShuttingDown("the gateway is shutting down; retry the request") from None
+            raise ShuttingDown() from None
         except WaitTooLong:
             raise UpstreamTimeout(f"worker sent nothing for {guard.limit_s:g}s") from None
         except TRANSPORT_ERRORS as exc:

@@ -99,12 +99,7 @@ def summarize(
         "tokens_estimated": sum(1 for r in ok if r.tokens_estimated),
     }
     if slos_s:
-        good = sum(1 for r in ok if _meets(r, slos_s))
-        summary["goodput"] = {
-            "slos_ms": {name: limit * 1000.0 for name, limit in slos_s.items()},
-            "good_requests": good,
-            "request_goodput": good / duration_s,
-        }
+        summary["goodput"] = _goodput(slos_s, sum(1 for r in ok if _meets(r, slos_s)), duration_s)
     if rate_window_s is not None:
         summary.update(_window_rates(all_records, rate_window_s, slos_s))
     return summary
@@ -144,12 +139,16 @@ def _window_rates(
         "event_throughput": events / seconds,
     }
     if slos_s:
-        rates["goodput"] = {
-            "slos_ms": {name: limit * 1000.0 for name, limit in slos_s.items()},
-            "good_requests": good,
-            "request_goodput": good / seconds,
-        }
+        rates["goodput"] = _goodput(slos_s, good, seconds)
     return rates
+
+
+def _goodput(slos_s: Mapping[str, float], good: int, seconds: float) -> dict[str, Any]:
+    return {
+        "slos_ms": {name: limit * 1000.0 for name, limit in slos_s.items()},
+        "good_requests": good,
+        "request_goodput": good / seconds,
+    }
 
 
 def _meets(record: RequestRecord, slos_s: Mapping[str, float]) -> bool:
