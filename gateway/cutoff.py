@@ -62,6 +62,11 @@ class WaitGuard:
     def end(self) -> None:
         self._since = None
 
+    def renew(self) -> None:
+        """The wait in progress saw activity (bytes relayed while it waits): its time starts again."""
+        if self._since is not None and self._loop is not None:
+            self._since = self._loop.time()
+
     def raise_if_cut(self) -> None:
         """In a CancelledError handler: if this guard made the cancel, take it back and raise its timeout."""
         cut, self._cut = self._cut, None

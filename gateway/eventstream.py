@@ -31,6 +31,7 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.cutoff import WaitGuard, WaitTooLong
+from gateway.directwrite import DirectBodyWriter, direct_body_writer
 from gateway.disconnect import ClientWatch
 from gateway.errors import ClientDisconnected
 
@@ -42,12 +43,13 @@ class RelayEventStream(EventSourceResponse):
 
     def __init__(self, content: AsyncGenerator[bytes, None], *, watch: ClientWatch,
                  after: Callable[[], Awaitable[None]], is_final: Callable[[], bool] = lambda: False,
-                 **kwargs: Any) -> None:
+                 direct_to: Callable[[DirectBodyWriter], None] | None = None, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._content = content
         self._watch = watch
         self._after = after
         self._is_final = is_final
+        self._direct_to = direct_to
         # A reader that takes no bytes for send_timeout is cut: one write waits that long under flow control.
         self._send_guard = WaitGuard(self.send_timeout or None)
         self._pings: asyncio.Task[None] | None = None
@@ -92,6 +94,10 @@ class RelayEventStream(EventSourceResponse):
 
     async def _send_stream(self, send: Send, body_send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self._direct_to is not None:
+            writer = direct_body_writer(body_send)
+            if writer is not None:
+                self._direct_to(writer)
         ended = False
         async for chunk in self._content:  # the relay's bytes, framed already
             if ended:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from gateway.directwrite import DirectBodyWriter
 from gateway.errors import GatewayError, UpstreamFailed
 from gateway.metrics import RequestRecord
 from gateway.sse import SEPARATOR, Event, encode_data
@@ -68,9 +69,15 @@ class Relay:
     of that keep-alive connection) without waiting on the worker; `settle()` then takes the worker's chunked
     terminator, so its connection goes back to the pool, closes the worker request and records the request.
     Any other ending (error, disconnect, cancellation) closes and records inside `events()` itself.
+
+    Given a direct writer (`write_directly`), the events that arrive while `events()` waits for the worker are
+    counted and written from the worker connection's read callback (`_inline`): no task wake-up, generator step
+    or ASGI send per event. What that callback cannot finish (the stream's end, an error event, an event split
+    across reads, a client under flow control) it refuses, and `events()` takes it as before.
     """
 
-    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_record", "_settled", "_stream", "_usage", "final")
+    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_record", "_settled", "_stream", "_usage", "_writer",
+                 "final")
 
     def __init__(self, stream: OpenStream, record: RequestRecord, usage: UsageFilter, clock: Callable[[], float],
                  on_finish: Callable[[RequestRecord], None]) -> None:
@@ -82,42 +89,26 @@ class Relay:
         self._clean_end = False
         self._ended = False
         self._settled = False
+        self._writer: DirectBodyWriter | None = None
         # True while `events()` holds its last chunk out ([DONE] or an error event): the response sends it with
         # the body's end in one write.
         self.final = False
 
+    def write_directly(self, writer: DirectBodyWriter) -> None:
+        """From now on, events that arrive while the stream waits go to `writer` from the worker's read callback
+        (gateway/directwrite.py); the stream's end, errors and a paused client still come through `events()`."""
+        self._writer = writer
+
     async def events(self) -> AsyncGenerator[bytes, None]:
         """The client's stream. Cancelled on client disconnect; the finally closes the worker request."""
-        stream, record, usage, clock = self._stream, self._record, self._usage, self._clock
+        stream, record, clock = self._stream, self._record, self._clock
         finished = False
         record.upstream_sent_at = stream.sent_at
         try:
             pending = stream.first_events
             arrived_at = stream.first_event_at
-            saw_done = False
             while True:
-                # Events that came in one upstream read leave in one write: none waits for another, and under
-                # load the per-write cost (ASGI send, syscall) is paid once per read instead of once per event.
-                out = b""
-                content_tokens: list[int] = []
-                failed = False
-                for event in pending:
-                    payload = event.payload
-                    tokens = usage.tokens_in(payload, record, event.has_content) if payload else 0
-                    counted = event.has_content or tokens
-                    if counted and record.upstream_first_token_at is None:
-                        record.upstream_first_token_at = arrived_at
-                    piece = usage.client_bytes(event)
-                    if piece is None:
-                        continue
-                    out = out + piece if out else piece
-                    if counted:
-                        content_tokens.append(tokens)
-                    if event.is_error:
-                        failed = True
-                        break
-                    if event.is_done:
-                        saw_done = True
+                out, content_tokens, failed, saw_done = self._take(pending, arrived_at)
                 if out:
                     self.final = failed or saw_done
                     yield out
@@ -132,7 +123,7 @@ class Relay:
                     finished = self._clean_end = True
                     record.finished_at = clock()
                     return
-                chunk = await stream.next_chunk()
+                chunk = await stream.next_chunk(self._inline if self._writer is not None else None)
                 if not chunk:
                     raise UpstreamFailed("worker closed the stream before [DONE]")
                 arrived_at = clock()
@@ -153,6 +144,55 @@ class Relay:
             if not self._clean_end:
                 await self._close()
 
+    def _take(self, events: list[Event], arrived_at: float) -> tuple[bytes, list[int], bool, bool]:
+        """Count one read's events and frame what the client gets of them: (bytes, tokens of each counted event,
+        an error event ended it, [DONE] is among them). Events that came in one read leave in one write: none
+        waits for another, and under load the per-write cost is paid once per read instead of once per event."""
+        record, usage = self._record, self._usage
+        out = b""
+        content_tokens: list[int] = []
+        failed = saw_done = False
+        for event in events:
+            payload = event.payload
+            tokens = usage.tokens_in(payload, record, event.has_content) if payload else 0
+            counted = event.has_content or tokens
+            if counted and record.upstream_first_token_at is None:
+                record.upstream_first_token_at = arrived_at
+            piece = usage.client_bytes(event)
+            if piece is None:
+                continue
+            out = out + piece if out else piece
+            if counted:
+                content_tokens.append(tokens)
+            if event.is_error:
+                failed = True
+                break
+            if event.is_done:
+                saw_done = True
+        return out, content_tokens, failed, saw_done
+
+    def _inline(self, data: bytes) -> bool:
+        """Relay one network read from the worker's read callback, if nothing in it needs the stream's task:
+        the client is writable, no event is split across reads, none is [DONE] or an error."""
+        writer, splitter = self._writer, self._stream.splitter
+        if writer is None or splitter.pending or not writer.writable():
+            return False
+        arrived_at = self._clock()
+        events = [Event.parse(raw) for raw in splitter.feed(data)]
+        for event in events:
+            if event.is_done or event.is_error:
+                splitter.clear()  # it was empty before this read, which `events()` now takes whole
+                return False
+        out, content_tokens, _, _ = self._take(events, arrived_at)
+        if out:
+            writer.write(out)
+            now = self._clock()
+            record = self._record
+            for tokens in content_tokens:
+                record.on_content(now, tokens)
+        self._stream.guard.renew()
+        return True
+
     async def settle(self) -> None:
         """After the response: take the terminator (clean end only), close the worker request, record it."""
         if self._settled:
@@ -169,6 +209,7 @@ class Relay:
         if self._settled:
             return
         self._settled = True
+        self._writer = None  # it holds the server's request cycle
         record = self._record
         if record.finished_at is None:
             record.finished_at = self._clock()

@@ -37,6 +37,10 @@ class EventSplitter:
         self._buffer = parts.pop()
         return [part for part in parts if part]
 
+    def clear(self) -> None:
+        """Forget a partial event (to feed the same bytes again)."""
+        self._buffer = b""
+
     @property
     def pending(self) -> bytes:
         """Bytes of an event that has not been terminated yet."""

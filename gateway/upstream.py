@@ -20,7 +20,7 @@ from gateway.errors import (
 )
 from gateway.settings import GatewaySettings
 from gateway.sse import Event, EventSplitter
-from gateway.workerhttp import WorkerClient, WorkerReply
+from gateway.workerhttp import Sink, WorkerClient, WorkerReply
 from gateway.workerwire import (
     WorkerBodyCut,
     WorkerConnectionError,
@@ -47,12 +47,17 @@ class OpenStream:
     # Bounds each read by the idle timeout and, once the drainer sets one, by the shutdown deadline.
     guard: WaitGuard = field(default_factory=WaitGuard)
 
-    async def next_chunk(self) -> bytes:
-        """The next network chunk, b"" at the end of the body; every failure as one of the gateway's errors."""
+    async def next_chunk(self, inline: Sink | None = None) -> bytes:
+        """The next network chunk, b"" at the end of the body; every failure as one of the gateway's errors.
+        With `inline`, bytes arriving meanwhile are offered to it first (`WorkerReply.read_inline`), and the
+        ones it takes count as the stream's activity for the idle bound."""
         guard = self.guard
+        read_inline = self.reply.read_inline
         try:
             guard.begin()
             try:
+                if inline is not None and read_inline is not None:
+                    return await read_inline(inline)
                 return await self.reply.read()
             except asyncio.CancelledError:
                 guard.raise_if_cut()

@@ -19,6 +19,8 @@ import yarl
 from gateway.settings import GatewaySettings
 
 Read = Callable[[], Awaitable[bytes]]  # the next network chunk of a body; b"" at its end
+Sink = Callable[[bytes], bool]  # takes body bytes as they arrive (True), or refuses them to the reader
+ReadInline = Callable[[Sink], Awaitable[bytes]]  # a Read that offers arriving bytes to a Sink while it waits
 
 MAX_CACHED_URLS = 1024
 CLOSED_STREAM = httpx.ByteStream(b"")  # stands in for a closed response's stream; holds nothing
@@ -36,6 +38,8 @@ class WorkerReply:
     headers: Mapping[str, str]  # looked up case-insensitively
     read: Read
     close: Callable[[], Awaitable[None]]
+    # Only the default client (gateway.workerwire) can hand bytes over from its read callback.
+    read_inline: ReadInline | None = None
 
     async def aclose(self) -> None:
         """Close it; shielded so a cancelled caller still makes vLLM abort an unfinished stream."""

@@ -28,7 +28,7 @@ import httptools
 from multidict import CIMultiDict
 
 from gateway.settings import GatewaySettings
-from gateway.workerhttp import KEEPALIVE_EXPIRY_S, MAX_CACHED_URLS, WorkerReply
+from gateway.workerhttp import KEEPALIVE_EXPIRY_S, MAX_CACHED_URLS, Sink, WorkerReply
 
 HIGH_WATER = 256 * 1024  # unread body bytes at which the socket stops being read
 
@@ -94,6 +94,8 @@ class WorkerConnection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.on_lost: Callable[[WorkerConnection], None] | None = None
+        # Set while a `read_inline` waits: takes each network read's body bytes in `data_received`, or refuses.
+        self._sink: Sink | None = None
 
     # asyncio.Protocol
 
@@ -127,6 +129,23 @@ class WorkerConnection(asyncio.Protocol):
             self._error = WorkerBadResponse(f"unreadable answer from the worker: {exc}")
             self.close()
             self._wake()
+            return
+        sink = self._sink
+        if sink is not None and self._chunks:
+            chunks = self._chunks
+            body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            if sink(body):
+                chunks.clear()
+                self._unread = 0
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+            else:
+                # Refused: these bytes, and all that follow until the reader is back, go through `read`.
+                chunks.clear()
+                chunks.append(body)
+                self._sink = None
+                self._wake()
 
     def eof_received(self) -> bool:
         return False  # the transport closes itself; connection_lost tells the reader
@@ -148,7 +167,8 @@ class WorkerConnection(asyncio.Protocol):
         if self._unread > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._sink is None:
+            self._wake()
 
     def on_message_complete(self) -> None:
         assert self._parser is not None
@@ -185,6 +205,18 @@ class WorkerConnection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         return data
+
+    async def read_inline(self, sink: Sink) -> bytes:
+        """`read`, with `sink` offered each network read's body bytes while it waits: bytes it takes (True) are
+        gone, and the first it refuses, with all after them, come out of this read. Ending, failing or
+        cancelled, it returns as `read` does."""
+        if self._chunks or self._complete:
+            return await self.read()
+        self._sink = sink
+        try:
+            return await self.read()
+        finally:
+            self._sink = None
 
     @property
     def reusable(self) -> bool:
@@ -251,7 +283,7 @@ class WireWorkerClient:
         except BaseException:
             await release()
             raise
-        return WorkerReply(connection.status, headers, connection.read, release)
+        return WorkerReply(connection.status, headers, connection.read, release, connection.read_inline)
 
     async def aclose(self) -> None:
         self._closed = True

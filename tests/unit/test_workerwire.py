@@ -314,3 +314,37 @@ def test_worker_addresses_become_origins_and_request_targets() -> None:
     assert build_target("https://gpu-0.internal", "/v1/completions").origin == ("https", "gpu-0.internal", 443)
     with pytest.raises(WorkerUnreachable):
         build_target("unix:///tmp/worker.sock", "/v1/completions")
+
+
+async def test_an_inline_read_hands_arriving_bytes_to_its_sink_until_the_sink_refuses() -> None:
+    events = [b"data: %d\n\n" % index for index in range(5)]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(STREAM_HEAD + chunk(events[0]))
+        for event in events[1:]:
+            await asyncio.sleep(0.05)  # one network read per event
+            writer.write(chunk(event))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    taken: list[bytes] = []
+
+    def sink(body: bytes) -> bool:
+        if b"3" in body:
+            return False
+        taken.append(body)
+        return True
+
+    async with serving(handle) as worker, client() as wire:
+        reply = await wire.post(worker.url, "/v1/completions", b"{}", "req-1", True)
+        assert reply.read_inline is not None
+        # Bytes already received are the read's, not the sink's.
+        assert await reply.read_inline(sink) == events[0]
+        assert await reply.read_inline(sink) == events[3], "the first refused bytes end the read"
+        assert taken == events[1:3]
+        await asyncio.sleep(0.1)  # the last event arrives while nobody reads: it waits for the next read
+        assert await reply.read() == events[4]
+        assert await reply.read() == b""
+        assert taken == events[1:3]
+        await reply.aclose()

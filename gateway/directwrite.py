@@ -1,0 +1,45 @@
+"""Response stage helper: a streamed body's chunks written to the client's socket from a worker's read callback.
+
+Every relayed event used to take the request's task through a wake-up, the relay's generator, the response's
+send loop and the server's `send` coroutine before one `transport.write`. While the client takes bytes as
+fast as they come, none of that decides anything: the relay can frame the chunk and write it from the worker
+connection's own `data_received` (gateway/workerwire.py, `read_inline`), and the task only wakes for what
+needs it (the stream's end, an error, a client that has stopped reading, a worker that failed).
+
+This writes as uvicorn's HTTP/1.1 server (its httptools protocol, the one the gateway serves with) writes a
+chunked body, and only while that server's own `send` would write at once: the response started chunked, not
+complete, the client connected and not under flow control. Anything else (another server, another protocol,
+a paused client) gets no writer or a refusal, and the body goes through the ASGI `send` as before.
+"""
+
+from __future__ import annotations
+
+from starlette.types import Send
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+
+class DirectBodyWriter:
+    """Writes body chunks of one started, chunked response straight to its transport."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+
+    def writable(self) -> bool:
+        """The server's `send` would write now, without waiting: connected, not complete, not paused."""
+        cycle = self._cycle
+        return not (cycle.flow.write_paused or cycle.disconnected or cycle.response_complete)
+
+    def write(self, body: bytes) -> None:
+        """One chunk, framed as the server frames it; call only right after `writable()` said yes."""
+        self._cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+
+
+def direct_body_writer(send: Send) -> DirectBodyWriter | None:
+    """A writer for the response `send` belongs to, once its start has gone out chunked; None if the server or
+    the response is another kind (the ASGI `send` then carries every chunk)."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is RequestResponseCycle and cycle.response_started and cycle.chunked_encoding:
+        return DirectBodyWriter(cycle)
+    return None

@@ -1,0 +1,140 @@
+"""Events written from the worker connection's read callback (gateway/directwrite.py), under real uvicorn."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.directwrite import DirectBodyWriter
+from tests.unit.fakes import DONE, MODEL, SlowWorker, chat_chunk, serve_in_thread, settings_for, vllm_stream
+
+STREAM = {
+    "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+    # Usage on every event, as the worker sends it: the client's bytes are then the worker's, unchanged.
+    "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+}
+
+
+class WriterSpy:
+    """Counts what the direct writer wrote and how often it refused (the client was not writable)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.written: list[bytes] = []
+        self.refusals = 0
+        write, writable = DirectBodyWriter.write, DirectBodyWriter.writable
+
+        def spy_write(writer: DirectBodyWriter, body: bytes) -> None:
+            self.written.append(body)
+            write(writer, body)
+
+        def spy_writable(writer: DirectBodyWriter) -> bool:
+            answer = writable(writer)
+            self.refusals += not answer
+            return answer
+
+        monkeypatch.setattr(DirectBodyWriter, "write", spy_write)
+        monkeypatch.setattr(DirectBodyWriter, "writable", spy_writable)
+
+
+@contextmanager
+def gateway_over(worker: SlowWorker, **overrides: Any) -> Iterator[str]:
+    with serve_in_thread(worker) as worker_url:
+        app = create_app(settings_for(worker_url, **overrides))
+        with serve_in_thread(app) as url:
+            yield url
+
+
+def _output_tokens(metrics: str) -> float:
+    lines = [line for line in metrics.splitlines() if line.startswith("specgate_output_tokens_total{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_events_arriving_apart_are_written_from_the_read_callback_one_to_one_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = WriterSpy(monkeypatch)
+    events = vllm_stream([1] * 20 + [2] * 5)
+    with gateway_over(SlowWorker(events, gap_s=0.005)) as url:
+        reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+        metrics = httpx.get(url + "/metrics").text
+    assert reply.status_code == 200
+    assert reply.content == b"".join(events), "every event, in order, unchanged"
+    # The first events open the response and [DONE] ends it from the task; the 25 content events in between
+    # (and the usage event) arrive one by one and go out from the callback.
+    assert len(spy.written) >= 24, len(spy.written)
+    assert b"".join(spy.written) in reply.content
+    assert DONE not in b"".join(spy.written)
+    assert _output_tokens(metrics) == 30, "tokens of events written from the callback are counted too"
+
+
+def test_bytes_relayed_from_the_read_callback_keep_a_stream_inside_its_idle_bound() -> None:
+    # 0.15 s between events, 0.4 s idle bound, ~1.2 s in all: the stream's task waits the whole time while the
+    # callback relays; each relayed read must count as the worker's activity.
+    worker = SlowWorker(vllm_stream([1] * 8), gap_s=0.15)
+    with gateway_over(worker, stream_idle_timeout_s=0.4) as url:
+        reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+    assert reply.status_code == 200
+    assert reply.content.endswith(DONE) and b"upstream_timeout" not in reply.content
+
+
+def _read_slowly(port: int, body: bytes, pause_s: float) -> bytes:
+    """A client with a small receive buffer that reads 16 KiB at a time with a pause: the gateway's writes
+    back up, so its transport pauses and resumes many times. Returns the HTTP answer, head and body."""
+    received = bytearray()
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        client.settimeout(20)
+        while not received.endswith(b"0\r\n\r\n"):
+            piece = client.recv(16384)
+            if not piece:
+                break
+            received += piece
+            time.sleep(pause_s)
+    return bytes(received)
+
+
+def _dechunked(answer: bytes) -> bytes:
+    end_of_head = answer.index(b"\r\n\r\n") + 4
+    assert b"transfer-encoding: chunked" in answer[:end_of_head].lower(), answer[:end_of_head]
+    body, at = bytearray(), end_of_head
+    while True:
+        end_of_size = answer.index(b"\r\n", at)
+        size = int(answer[at:end_of_size], 16)
+        if size == 0:
+            return bytes(body)
+        body += answer[end_of_size + 2:end_of_size + 2 + size]
+        at = end_of_size + 2 + size + 2
+
+
+def test_a_client_that_reads_slowly_gets_every_byte_in_order_across_direct_and_task_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = WriterSpy(monkeypatch)
+    # ~12 MB: more than the kernel's socket buffers take (6 MB was not, here).
+    events = [chat_chunk("x" * 4000 + str(index), index) for index in range(1, 3001)] + [DONE]
+    with gateway_over(SlowWorker(events, gap_s=0)) as url:
+        answer = _read_slowly(int(url.rsplit(":", 1)[1]), json.dumps(STREAM).encode(), pause_s=0.001)
+    assert _dechunked(answer) == b"".join(events)
+    assert spy.written, "some events went out from the callback"
+    assert spy.refusals, "the client's flow control sent others through the task"
+
+
+def test_no_direct_writer_for_other_servers_or_before_the_start() -> None:
+    from gateway.directwrite import direct_body_writer
+
+    async def plain_send(message: Any) -> None:
+        pass
+
+    sends: list[Callable[..., Any]] = [plain_send, print]
+    assert all(direct_body_writer(send) is None for send in sends)
