@@ -108,6 +108,35 @@ def test_the_limit_cuts_only_a_wait_longer_than_itself() -> None:
     assert 0.2 <= took < 0.2 * 1.25 + 0.2
 
 
+def test_a_renewed_wait_runs_on_past_the_limit_and_is_cut_once_renewals_stop() -> None:
+    async def scenario() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        guard = WaitGuard(0.2)
+
+        last_renewal = 0.0
+
+        async def renew_until(until: float) -> None:
+            nonlocal last_renewal
+            while loop.time() < until:
+                guard.renew()  # what the relay does for each read it relays while the stream's task waits
+                last_renewal = loop.time()
+                await asyncio.sleep(0.03)
+
+        started = loop.time()
+        renewing = asyncio.ensure_future(renew_until(started + 0.6))
+        try:
+            with pytest.raises(WaitTooLong):
+                await _guarded(guard, 5.0)
+            return loop.time() - started, loop.time() - last_renewal
+        finally:
+            renewing.cancel()
+            guard.close()
+
+    took, after_last_renewal = asyncio.run(scenario())
+    assert took >= 0.6, "cut while renewed"
+    assert 0.2 <= after_last_renewal < 0.2 * 1.5 + 0.2, after_last_renewal
+
+
 def test_a_guard_holds_no_timer_until_its_first_wait_and_none_after_close() -> None:
     async def scenario() -> tuple[int, int, int]:
         loop = asyncio.get_running_loop()

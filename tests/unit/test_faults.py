@@ -361,8 +361,14 @@ def test_a_worker_hanging_up_is_reported_as_such_with_either_connection_pool(tra
     assert "closed" in message.lower() or "disconnect" in message.lower(), message
 
 
-def test_a_reader_that_takes_no_bytes_is_cut_after_the_send_timeout_and_the_worker_released() -> None:
-    big_events = [chat_chunk("x" * 8000, index) for index in range(1, 3001)] + [DONE]  # ~24 MB: fills any buffer
+@pytest.mark.parametrize(("size", "count"), [
+    (8000, 3000),  # events often split across the gateway's reads: those go through the stream's task
+    (1000, 24000),  # whole events per read: relayed from the read callback until the client stops taking bytes
+])
+def test_a_reader_that_takes_no_bytes_is_cut_after_the_send_timeout_and_the_worker_released(
+    size: int, count: int,
+) -> None:
+    big_events = [chat_chunk("x" * size, index) for index in range(1, count + 1)] + [DONE]  # ~24 MB: fills any buffer
     worker = SlowWorker(big_events, gap_s=0)
     with gateway_over(worker, sse_send_timeout_s=0.5) as (url, _):
         port = int(url.rsplit(":", 1)[1])
