@@ -38,8 +38,15 @@ class DirectBodyWriter:
 
 def direct_body_writer(send: Send) -> DirectBodyWriter | None:
     """A writer for the response `send` belongs to, once its start has gone out chunked; None if the server or
-    the response is another kind (the ASGI `send` then carries every chunk)."""
+    the response is another kind, or the server's internals are not the ones this was written against (the
+    ASGI `send` then carries every chunk; tests/unit/test_directwrite.py fails rather than let that pass)."""
     cycle = getattr(send, "__self__", None)
-    if type(cycle) is RequestResponseCycle and cycle.response_started and cycle.chunked_encoding:
-        return DirectBodyWriter(cycle)
-    return None
+    if type(cycle) is not RequestResponseCycle:
+        return None
+    try:
+        usable = (cycle.response_started and cycle.chunked_encoding is True and not cycle.response_complete
+                  and isinstance(cycle.flow.write_paused, bool) and isinstance(cycle.disconnected, bool)
+                  and callable(cycle.transport.write))
+    except AttributeError:
+        return None
+    return DirectBodyWriter(cycle) if usable else None

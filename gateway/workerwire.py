@@ -130,22 +130,24 @@ class WorkerConnection(asyncio.Protocol):
             self.close()
             self._wake()
             return
-        sink = self._sink
-        if sink is not None and self._chunks:
-            chunks = self._chunks
-            body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-            if sink(body):
-                chunks.clear()
-                self._unread = 0
-                if self._paused and self.transport is not None:
-                    self._paused = False
-                    self.transport.resume_reading()
-            else:
-                # Refused: these bytes, and all that follow until the reader is back, go through `read`.
-                chunks.clear()
-                chunks.append(body)
-                self._sink = None
-                self._wake()
+        if self._sink is not None and self._chunks:
+            self._offer(self._sink)
+
+    def _offer(self, sink: Sink) -> None:
+        """This network read's body bytes to the sink; refused, they and all that follow until the reader is
+        back go through `read`."""
+        chunks = self._chunks
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if sink(body):
+            self._unread = 0
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+        else:
+            chunks.append(body)
+            self._sink = None
+            self._wake()
 
     def eof_received(self) -> bool:
         return False  # the transport closes itself; connection_lost tells the reader
