@@ -14,7 +14,9 @@ ping loop and send lock are sse-starlette's.
 The response start goes through the whole middleware chain (it stamps the request id); the body goes straight
 to the server's `send` (`TRANSPORT_SEND`, put in the scope by the app): the four wrappers between them
 (Starlette's error and exception middleware twice, the request id) only act on the start, and cost a
-coroutine each per event.
+coroutine each per event. Once the start is out, the relay is handed a direct writer for the same response
+(`direct_to`, gateway/directwrite.py): events that arrive while the stream waits are written from the worker
+connection's read callback, and only what that cannot write comes through this send loop.
 """
 
 from __future__ import annotations
