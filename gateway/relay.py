@@ -112,9 +112,7 @@ class Relay:
                 if out:
                     self.final = failed or saw_done
                     yield out
-                    now = clock()
-                    for tokens in content_tokens:
-                        record.on_content(now, tokens)
+                    self._delivered(content_tokens)
                 if failed:
                     record.status = "502"
                     finished = True
@@ -186,12 +184,16 @@ class Relay:
         out, content_tokens, _, _ = self._take(events, arrived_at)
         if out:
             writer.write(out)
-            now = self._clock()
-            record = self._record
-            for tokens in content_tokens:
-                record.on_content(now, tokens)
+            self._delivered(content_tokens)
         self._stream.guard.renew()
         return True
+
+    def _delivered(self, content_tokens: list[int]) -> None:
+        """The counted events of one write have reached the client's socket, all at this moment."""
+        now = self._clock()
+        record = self._record
+        for tokens in content_tokens:
+            record.on_content(now, tokens)
 
     async def settle(self) -> None:
         """After the response: take the terminator (clean end only), close the worker request, record it."""
