@@ -23,7 +23,7 @@ from gateway.errors import (
 )
 from gateway.eventstream import RelayEventStream
 from gateway.hotroutes import Endpoint
-from gateway.metrics import RequestRecord
+from gateway.metrics import RequestRecord, token_count
 from gateway.pool import Worker
 from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.relay import DISCONNECTED_STATUS, Relay, UsageFilter
@@ -228,9 +228,9 @@ async def _complete(
     services.pool.finished(worker)
     try:
         usage = orjson.loads(content).get("usage") or {}
-        record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        record.output_tokens = int(usage.get("completion_tokens") or 0)
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        record.prompt_tokens = token_count(usage.get("prompt_tokens"))
+        record.output_tokens = token_count(usage.get("completion_tokens"))
+    except (orjson.JSONDecodeError, AttributeError):
         pass
     record.finished_at = services.clock()
     on_finish(record)

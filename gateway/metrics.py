@@ -128,6 +128,12 @@ class RequestRecord:
         }
 
 
+def token_count(value: object) -> int:
+    """A token count from a worker's usage, or 0 when it is not one: a counter cannot go down, and a string or
+    a negative number would fail the request's accounting."""
+    return value if type(value) is int and value > 0 else 0
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from gateway.directwrite import DirectBodyWriter
 from gateway.errors import GatewayError, UpstreamFailed
-from gateway.metrics import RequestRecord
+from gateway.metrics import RequestRecord, token_count
 from gateway.sse import SEPARATOR, Event, encode_data
 from gateway.upstream import TRANSPORT_ERRORS, OpenStream
 
@@ -32,8 +32,8 @@ class UsageFilter:
         """Output tokens this event carries, from the worker's cumulative usage when it sends it."""
         usage = payload.get("usage")
         if isinstance(usage, dict):
-            completion = usage.get("completion_tokens") or 0
-            record.prompt_tokens = usage.get("prompt_tokens") or record.prompt_tokens
+            completion = token_count(usage.get("completion_tokens"))
+            record.prompt_tokens = token_count(usage.get("prompt_tokens")) or record.prompt_tokens
             record.output_tokens = completion
             if payload.get("choices"):
                 self.exact = True
