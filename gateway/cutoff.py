@@ -59,14 +59,15 @@ class WaitGuard:
                 self._watch = loop.call_later(self.limit_s / 4, self._check)
             self._task = asyncio.current_task()
         self._since = loop.time()
+        self._renewed = False  # activity during an earlier wait does not extend this one
 
     def end(self) -> None:
         self._since = None
 
     def renew(self) -> None:
         """The wait in progress saw activity (bytes relayed while it waits): its time starts again at the next
-        check, so a wait that then sees none is cut within 1.5 limits of its last activity. A flag rather than a
-        clock read: this runs for every relayed read."""
+        check, so a wait that then sees none is cut within 1.25 limits of its last activity. A flag rather than
+        a clock read: this runs for every relayed read."""
         self._renewed = True
 
     def raise_if_cut(self) -> None:

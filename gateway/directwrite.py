@@ -27,9 +27,12 @@ class DirectBodyWriter:
         self._cycle = cycle
 
     def writable(self) -> bool:
-        """The server's `send` would write now, without waiting: connected, not complete, not paused."""
+        """The server's `send` would write now, without waiting: connected, not complete, not paused. The
+        transport is asked too: uvicorn marks only the connection's latest request disconnected, and after a
+        close it learns of the loss a loop turn later."""
         cycle = self._cycle
-        return not (cycle.flow.write_paused or cycle.disconnected or cycle.response_complete)
+        return not (cycle.flow.write_paused or cycle.disconnected or cycle.response_complete
+                    or cycle.transport.is_closing())
 
     def write(self, body: bytes) -> None:
         """One chunk, framed as the server frames it; call only right after `writable()` said yes."""
@@ -46,7 +49,7 @@ def direct_body_writer(send: Send) -> DirectBodyWriter | None:
     try:
         usable = (cycle.response_started and cycle.chunked_encoding is True and not cycle.response_complete
                   and isinstance(cycle.flow.write_paused, bool) and isinstance(cycle.disconnected, bool)
-                  and callable(cycle.transport.write))
+                  and callable(cycle.transport.write) and callable(cycle.transport.is_closing))
     except AttributeError:
         return None
     return DirectBodyWriter(cycle) if usable else None

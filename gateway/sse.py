@@ -77,11 +77,18 @@ class Event:
 
 
 def _has_content(payload: dict[str, Any]) -> bool:
-    for choice in payload.get("choices") or ():
+    choices = payload.get("choices")
+    if not isinstance(choices, list):
+        return False  # not vLLM's shape: relayed as it is, carrying nothing countable
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
         if choice.get("text"):
             return True
         delta = choice.get("delta")
-        if delta and (delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")):
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
+        ):
             return True
     return False
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from gateway.settings import GatewaySettings
 from gateway.workerhttp import KEEPALIVE_EXPIRY_S, MAX_CACHED_URLS, Sink, WorkerReply
 
 HIGH_WATER = 256 * 1024  # unread body bytes at which the socket stops being read
+
+logger = logging.getLogger("specgate.workerwire")
 
 
 class WorkerConnectionError(Exception):
@@ -139,7 +142,17 @@ class WorkerConnection(asyncio.Protocol):
         chunks = self._chunks
         body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        if sink(body):
+        try:
+            taken = sink(body)
+        except Exception as exc:
+            # Half taken, maybe: these bytes cannot be handed on, so the answer ends here, as a bad one.
+            logger.exception("relaying a worker's answer failed")
+            self._sink = None
+            self._error = WorkerBadResponse(f"the worker's answer could not be relayed ({type(exc).__name__}: {exc})")
+            self.close()
+            self._wake()
+            return
+        if taken:
             self._unread = 0
             if self._paused and self.transport is not None:
                 self._paused = False

@@ -205,3 +205,22 @@ def test_reads_the_client_cannot_take_now_and_the_stream_end_come_through_the_ta
     assert offered == [second, third[:20], third[20:], fourth, usage + DONE]
     assert record.output_tokens == 4 and record.status == "200"
     assert [tokens for _, tokens in record.chunk_gaps] == [1, 1, 1]
+
+
+def test_a_closing_transport_or_a_paused_client_is_not_writable() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    transport = SimpleNamespace(closing=False, is_closing=lambda: transport.closing)
+    cycle = SimpleNamespace(flow=SimpleNamespace(write_paused=False), disconnected=False, response_complete=False,
+                            transport=transport)
+    writer = DirectBodyWriter(cast(RequestResponseCycle, cycle))
+    assert writer.writable()
+    # uvicorn marks only a connection's latest request disconnected, and learns of a close a loop turn later.
+    transport.closing = True
+    assert not writer.writable()
+    transport.closing = False
+    cycle.flow.write_paused = True
+    assert not writer.writable()

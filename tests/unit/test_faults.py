@@ -416,3 +416,16 @@ async def test_a_whole_answer_with_token_counts_that_are_not_counts_is_returned_
         labels = f'{{model="{MODEL}",worker="{worker.url}"}}'
         assert f"specgate_output_tokens_total{labels} 0.0" in metrics, "no count was taken from it"
         assert f"specgate_prompt_tokens_total{labels} 0.0" in metrics
+
+
+def test_events_of_shapes_the_relay_does_not_know_are_relayed_unchanged() -> None:
+    odd = [{"choices": 5}, {"choices": ["x"]}, {"choices": [{"delta": "x"}]}, {"choices": [{"index": 0}]}]
+    events = [chat_chunk("", None, role="assistant")]
+    events += [b"data: " + json.dumps({"id": "c", **payload}).encode() + b"\n\n" for payload in odd * 2]
+    events.append(DONE)
+    worker = SlowWorker(events, gap_s=0.01)
+    with gateway_over(worker) as (url, _), httpx.Client(base_url=url, timeout=10) as client:
+        streamed = client.post("/v1/chat/completions", json=STREAM)
+        assert requests_finish(client)
+    assert streamed.status_code == 200
+    assert streamed.content == b"".join(events), "relayed unchanged, to [DONE]"

@@ -348,3 +348,32 @@ async def test_an_inline_read_hands_arriving_bytes_to_its_sink_until_the_sink_re
         assert await reply.read() == b""
         assert taken == events[1:3]
         await reply.aclose()
+
+
+async def test_a_sink_that_fails_ends_the_answer_as_a_bad_one_and_the_connection_is_not_reused() -> None:
+    events = [b"data: %d\n\n" % index for index in range(3)]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(STREAM_HEAD + chunk(events[0]))
+            for event in events[1:]:
+                await asyncio.sleep(0.05)
+                writer.write(chunk(event))
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    def sink(body: bytes) -> bool:
+        raise ValueError("cannot take this")
+
+    async with serving(handle) as worker, client() as wire:
+        reply = await wire.post(worker.url, "/v1/completions", b"{}", "req-1", True)
+        assert reply.read_inline is not None
+        assert await reply.read_inline(sink) == events[0]
+        with pytest.raises(WorkerBadResponse, match="could not be relayed"):
+            await reply.read_inline(sink)
+        await reply.aclose()
+        again = await wire.post(worker.url, "/v1/completions", b"{}", "req-2", True)
+        assert await read_body(again.read) == b"".join(events)
+        await again.aclose()
+    assert worker.connections == 2, "the failed connection was closed, a new one made"
