@@ -20,8 +20,7 @@ from gateway.errors import (
 )
 from gateway.settings import GatewaySettings
 from gateway.sse import Event, EventSplitter
-from gateway.workerhttp import Sink, WorkerClient, WorkerReply
-from gateway.workerwire import (
+from gateway.workerconnection import (
     WorkerBodyCut,
     WorkerConnectionError,
     WorkerConnectTimeout,
@@ -29,6 +28,7 @@ from gateway.workerwire import (
     WorkerReadTimeout,
     WorkerUnreachable,
 )
+from gateway.workerhttp import Sink, WorkerClient, WorkerReply
 
 MAX_ERROR_BODY = 64 * 1024
 TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError, WorkerConnectionError)
@@ -152,7 +152,7 @@ async def _status_error(reply: WorkerReply) -> GatewayError:
 
 
 # What each client's errors mean for the worker connection, most specific first: the default client's
-# (gateway.workerwire), aiohttp's and httpx's (the httpcore pool, tests' transports). httpx-aiohttp (the pool's
+# (gateway.workerconnection), aiohttp's and httpx's (the httpcore pool, tests' transports). httpx-aiohttp (the pool's
 # own calls) reports every aiohttp error as an httpx one with aiohttp's as the cause, which is then the one
 # looked up.
 ERROR_MEANINGS: tuple[tuple[tuple[type[Exception], ...], type[GatewayError], str], ...] = (

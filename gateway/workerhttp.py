@@ -38,7 +38,7 @@ class WorkerReply:
     headers: Mapping[str, str]  # looked up case-insensitively
     read: Read
     close: Callable[[], Awaitable[None]]
-    # Only the default client (gateway.workerwire) can hand bytes over from its read callback.
+    # Only the default client's connections (gateway.workerconnection) can hand bytes over from its read callback.
     read_inline: ReadInline | None = None
 
     async def aclose(self) -> None:

@@ -69,7 +69,7 @@ def instrument(marks: Marks) -> None:
     """Wrap the stages' functions (looked up at call time by their callers) with timestamps."""
     from uvicorn.protocols.http import httptools_impl
 
-    from gateway import api, app, eventstream, upstream, workerwire
+    from gateway import api, app, eventstream, upstream, workerconnection, workerwire
 
     protocol = httptools_impl.HttpToolsProtocol
     data_received, message_complete = protocol.data_received, protocol.on_message_complete
@@ -123,13 +123,13 @@ def instrument(marks: Marks) -> None:
 
     setattr(upstream.Upstream, "open_stream", open_marked)  # noqa: B010 (typed by its signature otherwise)
     setattr(workerwire.WireWorkerClient, "post", post_marked)  # noqa: B010
-    wait = workerwire.WorkerConnection._wait
+    wait = workerconnection.WorkerConnection._wait
 
     async def wait_marked(self: Any) -> None:
         marks.mark("written")  # a request's first wait follows its write at once
         await wait(self)
 
-    setattr(workerwire.WorkerConnection, "_wait", wait_marked)  # noqa: B010
+    setattr(workerconnection.WorkerConnection, "_wait", wait_marked)  # noqa: B010
     send_stream = eventstream.RelayEventStream._send_stream
 
     async def send_stream_marked(self: Any, send: Any, body_send: Any) -> None:

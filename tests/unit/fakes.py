@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,9 @@ def usage_chunk(completion_tokens: int, prompt_tokens: int = 5) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+# A minimal chat call, whole and streamed.
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+STREAM = {**CHAT, "stream": True}
 
 
 def vllm_stream(tokens_per_event: list[int], with_usage: bool = True) -> list[bytes]:
@@ -229,3 +232,12 @@ async def _sleep_or_disconnect(seconds: float, watcher: asyncio.Future[None]) ->
         return True
     done, _ = await asyncio.wait({watcher}, timeout=seconds)
     return bool(done)
+
+
+@contextlib.contextmanager
+def gateway_over(*workers: SlowWorker, **overrides: Any) -> Iterator[tuple[str, FastAPI]]:
+    """The gateway under real uvicorn in front of `workers`, each under its own; yields its URL and app."""
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(serve_in_thread(worker)) for worker in workers]
+        app = create_app(settings_for(*urls, **overrides))
+        yield stack.enter_context(serve_in_thread(app)), app

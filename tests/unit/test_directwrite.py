@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from gateway.app import create_app
 from gateway.directwrite import DirectBodyWriter
-from tests.unit.fakes import DONE, MODEL, SlowWorker, chat_chunk, serve_in_thread, settings_for, vllm_stream
+from tests.unit.fakes import DONE, MODEL, SlowWorker, chat_chunk, gateway_over, vllm_stream
 
 STREAM = {
     "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
@@ -37,14 +35,6 @@ class WriterSpy:
         monkeypatch.setattr(DirectBodyWriter, "write", spy_write)
 
 
-@contextmanager
-def gateway_over(worker: SlowWorker, **overrides: Any) -> Iterator[str]:
-    with serve_in_thread(worker) as worker_url:
-        app = create_app(settings_for(worker_url, **overrides))
-        with serve_in_thread(app) as url:
-            yield url
-
-
 def _output_tokens(metrics: str) -> float:
     lines = [line for line in metrics.splitlines() if line.startswith("specgate_output_tokens_total{")]
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
@@ -55,7 +45,7 @@ def test_events_arriving_apart_are_written_from_the_read_callback_one_to_one_and
 ) -> None:
     spy = WriterSpy(monkeypatch)
     events = vllm_stream([1] * 20 + [2] * 5)
-    with gateway_over(SlowWorker(events, gap_s=0.005)) as url:
+    with gateway_over(SlowWorker(events, gap_s=0.005)) as (url, _):
         reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
         metrics = httpx.get(url + "/metrics").text
     assert reply.status_code == 200
@@ -73,7 +63,7 @@ def test_bytes_relayed_from_the_read_callback_keep_a_stream_inside_its_idle_boun
     # 0.15 s between events, 0.4 s idle bound, ~1.2 s in all: the stream's task waits the whole time while the
     # callback relays; each relayed read must count as the worker's activity.
     worker = SlowWorker(vllm_stream([1] * 8), gap_s=0.15)
-    with gateway_over(worker, stream_idle_timeout_s=0.4) as url:
+    with gateway_over(worker, stream_idle_timeout_s=0.4) as (url, _):
         reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
     assert reply.status_code == 200
     assert reply.content.endswith(DONE) and b"upstream_timeout" not in reply.content
@@ -120,7 +110,7 @@ def test_a_client_that_reads_slowly_gets_every_byte_in_order_across_direct_and_t
 ) -> None:
     spy = WriterSpy(monkeypatch)
     events = [chat_chunk("x" * 4000 + str(index), index) for index in range(1, 1501)] + [DONE]  # ~6 MB
-    with gateway_over(SlowWorker(events, gap_s=0)) as url:
+    with gateway_over(SlowWorker(events, gap_s=0)) as (url, _):
         answer = _read_slowly(int(url.rsplit(":", 1)[1]), json.dumps(STREAM).encode(), stall_s=1.5)
     assert _dechunked(answer) == b"".join(events)
     # Large events split across reads, and the stall pauses the client's transport: the task writes some of

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.app import create_app
 from tests.unit.fakes import (
-    MODEL,
+    CHAT,
     SlowWorker,
     requests_finish,
     serve_in_thread,
@@ -21,8 +21,6 @@ from tests.unit.fakes import (
     vllm_stream,
     wait_until,
 )
-
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
 @contextlib.contextmanager

@@ -12,11 +12,10 @@ import pytest
 
 from gateway.errors import GatewayError, UpstreamFailed, UpstreamTimeout
 from gateway.upstream import map_transport_error
-from tests.unit.fakes import MODEL, ScriptedWorker, chat_chunk, gateway_client, mock_transport, settings_for
+from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, chat_chunk, gateway_client, mock_transport, settings_for
 
 pytestmark = pytest.mark.anyio
 
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def _assert_envelope(response: httpx.Response, status: int, error_type: str | None = None) -> dict[str, object]:

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.app import create_app
 from tests.unit.fakes import (
-    MODEL,
+    CHAT,
     SlowWorker,
     requests_finish,
     serve_in_thread,
@@ -23,7 +23,6 @@ from tests.unit.fakes import (
     vllm_stream,
 )
 
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 # Libraries on the gateway's request path; the test's own client (httpx) is left out.
 SERVER_SIDE = ("gateway", "uvicorn", "starlette", "fastapi", "sse_starlette", "aiohttp", "httpx_aiohttp", "anyio")
 

@@ -13,11 +13,10 @@ from starlette.types import Receive, Scope, Send
 from gateway import api
 from gateway.hotroutes import HotRoutes
 from gateway.protocol import OpenAICall
-from tests.unit.fakes import MODEL, ScriptedWorker, gateway_client, mock_transport, settings_for
+from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, gateway_client, mock_transport, settings_for
 
 pytestmark = pytest.mark.anyio
 
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def _teapot(scope: Scope, receive: Receive, send: Send) -> None:

@@ -218,7 +218,7 @@ async def test_a_stream_is_read_straight_from_the_connection_over_the_default_an
 
     from gateway.upstream import Upstream
     from gateway.workerclients import worker_clients
-    from gateway.workerwire import WorkerConnection
+    from gateway.workerconnection import WorkerConnection
     from tests.support import serve_in_thread
     from tests.unit.fakes import SlowWorker
 

@@ -1,4 +1,4 @@
-"""The default worker client (gateway/workerwire.py) against real sockets: keep-alive, flow control, failures."""
+"""The default worker client (gateway/workerwire.py, workerconnection.py) on real sockets: reuse, flow, failures."""
 
 from __future__ import annotations
 
@@ -11,17 +11,16 @@ import pytest
 
 from gateway import workerwire
 from gateway.upstream import map_transport_error
-from gateway.workerwire import (
+from gateway.workerconnection import (
     HIGH_WATER,
-    WireWorkerClient,
     WorkerBadResponse,
     WorkerBodyCut,
     WorkerConnectTimeout,
     WorkerHungUp,
     WorkerReadTimeout,
     WorkerUnreachable,
-    build_target,
 )
+from gateway.workerwire import WireWorkerClient, build_target
 from tests.unit.fakes import settings_for
 
 pytestmark = pytest.mark.anyio
