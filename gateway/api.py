@@ -194,6 +194,7 @@ async def _stream(
         after=relay.settle,
         is_final=lambda: relay.final,
         direct_to=relay.write_directly,
+        opening=relay.opening,
         ping=services.settings.sse_ping_interval_s,
         sep="\n",
         send_timeout=services.settings.sse_send_timeout_s,

@@ -76,8 +76,8 @@ class Relay:
     across reads, a client under flow control) it refuses, and `events()` takes it as before.
     """
 
-    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_record", "_settled", "_stream", "_usage", "_writer",
-                 "final")
+    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_opened", "_record", "_settled", "_stream", "_usage",
+                 "_writer", "final")
 
     def __init__(self, stream: OpenStream, record: RequestRecord, usage: UsageFilter, clock: Callable[[], float],
                  on_finish: Callable[[RequestRecord], None]) -> None:
@@ -90,6 +90,8 @@ class Relay:
         self._ended = False
         self._settled = False
         self._writer: DirectBodyWriter | None = None
+        # The first events' take, once `opening()` has handed their bytes to the response.
+        self._opened: tuple[bytes, list[int], bool, bool] | None = None
         # True while `events()` holds its last chunk out ([DONE] or an error event): the response sends it with
         # the body's end in one write.
         self.final = False
@@ -99,6 +101,14 @@ class Relay:
         (gateway/directwrite.py); the stream's end, errors and a paused client still come through `events()`."""
         self._writer = writer
 
+    def opening(self) -> bytes:
+        """The bytes of the events the stream opened on, for the response to write with its head (they are here
+        already: no wait). `events()` then starts after them; `final` says whether they end the body."""
+        self._opened = opened = self._take(self._stream.first_events, self._stream.first_event_at)
+        out, _, failed, saw_done = opened
+        self.final = failed or saw_done
+        return out
+
     async def events(self) -> AsyncGenerator[bytes, None]:
         """The client's stream. Cancelled on client disconnect; the finally closes the worker request."""
         stream, record, clock = self._stream, self._record, self._clock
@@ -107,12 +117,18 @@ class Relay:
         try:
             pending = stream.first_events
             arrived_at = stream.first_event_at
+            opened = self._opened
             while True:
-                out, content_tokens, failed, saw_done = self._take(pending, arrived_at)
-                if out:
-                    self.final = failed or saw_done
-                    yield out
+                if opened is not None:  # written by the response before it asked for more
+                    out, content_tokens, failed, saw_done = opened
+                    opened = None
                     self._delivered(content_tokens)
+                else:
+                    out, content_tokens, failed, saw_done = self._take(pending, arrived_at)
+                    if out:
+                        self.final = failed or saw_done
+                        yield out
+                        self._delivered(content_tokens)
                 if failed:
                     record.status = "502"
                     finished = True

@@ -42,8 +42,8 @@ STAGES = (
     ("headers", "the worker's response headers arrive"),
     ("opened", "its first event arrives (engine TTFT)"),
     ("respond", "relay and response built, response called"),
-    ("start_sent", "response start through the middleware, written"),
-    ("first_body", "first events written to the client"),
+    ("start_sent", "response start through the middleware"),
+    ("first_body", "first events framed; written with the head in one write"),
 )
 
 
@@ -69,7 +69,7 @@ def instrument(marks: Marks) -> None:
     """Wrap the stages' functions (looked up at call time by their callers) with timestamps."""
     from uvicorn.protocols.http import httptools_impl
 
-    from gateway import api, app, eventstream, upstream, workerconnection, workerwire
+    from gateway import api, app, directwrite, eventstream, upstream, workerconnection, workerwire
 
     protocol = httptools_impl.HttpToolsProtocol
     data_received, message_complete = protocol.data_received, protocol.on_message_complete
@@ -139,15 +139,18 @@ def instrument(marks: Marks) -> None:
             await send(message)
             marks.mark("start_sent")
 
-        async def body_marked(message: Any) -> None:
-            await body_send(message)
-            if "first_body" not in marks.current:
-                marks.mark("first_body")
-                marks.flush()
-
-        await send_stream(self, start_marked, body_marked)
+        await send_stream(self, start_marked, body_send)
 
     eventstream.RelayEventStream._send_stream = send_stream_marked  # type: ignore[method-assign]
+    flush = directwrite._HeldWrites.flush
+
+    def flush_marked(self: Any) -> None:
+        flush(self)  # the head and the first events leave together (gateway/directwrite.py, writes_joined)
+        if "first_body" not in marks.current and "start_sent" in marks.current:
+            marks.mark("first_body")
+            marks.flush()
+
+    setattr(directwrite._HeldWrites, "flush", flush_marked)  # noqa: B010
 
 
 async def send_one_at_a_time(url: str, requests: int, output_len: int) -> None:

@@ -214,3 +214,49 @@ def test_a_closing_transport_or_a_paused_client_is_not_writable() -> None:
     transport.closing = False
     cycle.flow.write_paused = True
     assert not writer.writable()
+
+
+class FlushSpy:
+    """Records each joined write (gateway/directwrite.py, `writes_joined`) as it goes to the transport."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from gateway import directwrite
+
+        self.flushed: list[bytes] = []
+        flush = directwrite._HeldWrites.flush
+
+        def spy_flush(held: Any) -> None:
+            if held.parts:
+                self.flushed.append(b"".join(held.parts))
+            flush(held)
+
+        monkeypatch.setattr(directwrite._HeldWrites, "flush", spy_flush)
+
+
+def test_the_head_and_the_events_the_stream_opened_on_leave_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = FlushSpy(monkeypatch)
+    events = vllm_stream([1] * 4)
+    with gateway_over(SlowWorker(events, gap_s=0.02)) as (url, _):
+        reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+    assert reply.status_code == 200 and reply.content == b"".join(events)
+    [joined] = spy.flushed
+    head, _, body = joined.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"x-request-id" in head.lower()
+    assert body == b"%x\r\n%b\r\n" % (len(events[0]), events[0]), "the first event, framed, in the same write"
+
+
+def test_a_stream_whole_in_its_first_read_reaches_a_client_that_asked_to_close() -> None:
+    # Everything up to [DONE] in the worker's first read: the head, the events and the body's end are one
+    # write, and the server closes the connection inside it (`connection: close`): nothing may be lost.
+    events = vllm_stream([1, 2])
+    body = json.dumps(STREAM).encode()
+    with gateway_over(SlowWorker([b"".join(events)], gap_s=0)) as (url, _):
+        received = bytearray()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n"
+                           b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            client.settimeout(10)
+            while piece := client.recv(65536):
+                received += piece
+    assert received.startswith(b"HTTP/1.1 200")
+    assert _dechunked(bytes(received)) == b"".join(events)
