@@ -97,6 +97,7 @@ class Run:
     rss_idle_kib: int = 0
     rss_peak_kib: int = 0
     rounds: int = 0
+    ttft_p50_by_round: list[float] = field(default_factory=list)
     ttft_p99_by_round: list[float] = field(default_factory=list)
 
     def add(self, other: Run) -> None:
@@ -110,6 +111,7 @@ class Run:
         self.rss_idle_kib = self.rss_idle_kib or other.rss_idle_kib
         self.rss_peak_kib = max(self.rss_peak_kib, other.rss_peak_kib)
         self.rounds += other.rounds
+        self.ttft_p50_by_round += other.ttft_p50_by_round
         self.ttft_p99_by_round += other.ttft_p99_by_round
 
     def row(self) -> dict[str, Any]:
@@ -137,6 +139,7 @@ class Run:
             "target_us_per_event": self.target_cpu_s / events * 1e6 if events else None,
             "core1_busy": (self.engine_cpu_s + self.client_cpu_s) / wall,
             "rss_idle_mib": self.rss_idle_kib / 1024, "rss_peak_mib": self.rss_peak_kib / 1024,
+            "ttft_p50_by_round": self.ttft_p50_by_round,
             "ttft_p99_by_round": self.ttft_p99_by_round,
             "error_samples": {r.kind: r.error[:200] for r in reversed(self.records) if not r.ok},
         }
@@ -185,6 +188,7 @@ async def measure(target: Target, engine: Target, config: LoadConfig) -> Run:
               target_cpu_s=(tree_cpu_seconds(target.pid) - target_cpu) if target.pid else 0.0,
               engine_cpu_s=(tree_cpu_seconds(engine.pid) - engine_cpu) if engine.pid else 0.0,
               client_cpu_s=self_cpu_seconds() - client_cpu, rss_idle_kib=idle, rss_peak_kib=peak[0], rounds=1)
+    run.ttft_p50_by_round.append(result.summary["ttft_ms"]["p50"] or float("nan"))
     run.ttft_p99_by_round.append(result.summary["ttft_ms"]["p99"] or float("nan"))
     return run
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ def latency_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
             _f(row["tpot_ms"]["p50"]), _f(ratio(row, base, "tpot_ms", "p50"), 3),
             _f(ratio(row, base, "tpot_ms", "mean"), 3), _f(row["itl_ms"]["p99"]), _f(row["event_throughput"], 0),
         ]) + " |")
+    lines += round_table(rows)
     head2 = ("| streams | target | requests ok/sent | errors | events client / engine | tokens client / engine "
              "| 1:1 | gateway CPU | µs/event | RSS idle → peak MiB | core-1 busy |")
     lines += ["", "Delivery and resources (events = SSE events with choices; gateway CPU = share of its core):", "",
@@ -76,6 +79,39 @@ def latency_tables(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{row['core1_busy']:.0%}",
         ]) + " |")
     return lines
+
+
+def added_by_round(row: dict[str, Any], base: dict[str, Any] | None, p: str) -> list[float]:
+    """Each round's added TTFT percentile: the target's round k against direct's round k, run minutes apart
+    in the same interleaved sweep. Empty when the rounds do not pair up (older phase files have none)."""
+    key = f"ttft_{p}_by_round"
+    mine, theirs = row.get(key) or [], (base or {}).get(key) or []
+    if not mine or len(mine) != len(theirs):
+        return []
+    return [a - b for a, b in zip(mine, theirs, strict=True) if not (math.isnan(a) or math.isnan(b))]
+
+
+def round_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Added TTFT round by round, and its median over the rounds: a round the VM's host slowed moves the
+    pooled percentiles of whichever target it hit, and moves this median only if it hit most rounds."""
+    body = []
+    for row in rows:
+        if row["target"] == "direct":
+            continue
+        base = direct_of(rows, row["level"])
+        p50s, p99s = added_by_round(row, base, "p50"), added_by_round(row, base, "p99")
+        if not p50s or not p99s:
+            continue
+        body.append("| " + " | ".join([
+            str(row["level"]), row["target"], ", ".join(f"{v:+.2f}" for v in p50s),
+            f"{statistics.median(p50s):+.2f}", ", ".join(f"{v:+.1f}" for v in p99s), f"{statistics.median(p99s):+.1f}",
+        ]) + " |")
+    if not body:
+        return []
+    head = "| streams | target | added p50 per round | median | added p99 per round | median |"
+    return ["", "Added TTFT round by round (ms; each round against direct's same round) and its median over the "
+            "rounds, which one disturbed round does not move:", "", head, "|" + "---|" * (head.count("|") - 1),
+            *body]
 
 
 def capacity_tables(rows: Sequence[dict[str, Any]]) -> list[str]:

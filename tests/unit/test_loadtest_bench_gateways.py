@@ -11,7 +11,7 @@ import orjson
 from loadtest import bench_gateways
 from loadtest.bench_measure import TOKEN_TEXT, Run
 from loadtest.bench_procs import process_cpu_seconds
-from loadtest.bench_report import one_to_one
+from loadtest.bench_report import added_by_round, one_to_one, round_table
 from loadtest.records import RequestRecord
 
 
@@ -110,3 +110,19 @@ def test_tokens_are_one_to_one_only_when_the_text_received_holds_them_all() -> N
     whole, short = run_with(5 * len(TOKEN_TEXT)), run_with(4 * len(TOKEN_TEXT))
     assert whole["client_tokens"] == 5 and one_to_one(whole) == "yes"
     assert short["client_tokens"] == 4 and one_to_one(short) == "**no**"
+
+
+def test_added_ttft_by_round_pairs_each_round_with_directs_and_one_disturbed_round_does_not_move_its_median(
+) -> None:
+    def row(target: str, p50s: list[float], p99s: list[float]) -> dict[str, object]:
+        return {"target": target, "level": 100, "ttft_p50_by_round": p50s, "ttft_p99_by_round": p99s}
+
+    direct = row("direct", [21.0, 22.0, 21.5], [25.0, 26.0, 30.0])
+    # The host stalled the gateway's second round.
+    gateway = row("specgate", [22.0, 40.0, 22.5], [27.0, 120.0, 31.0])
+    assert added_by_round(gateway, direct, "p50") == [1.0, 18.0, 1.0]
+    table = "\n".join(round_table([direct, gateway]))
+    assert "| 100 | specgate | +1.00, +18.00, +1.00 | +1.00 | +2.0, +94.0, +1.0 | +2.0 |" in table
+    # Rounds that do not pair up (a phase file from before per-round figures) give no row.
+    assert added_by_round(row("specgate", [22.0], [27.0]), direct, "p50") == []
+    assert round_table([direct, row("specgate", [], [])]) == []
