@@ -50,8 +50,8 @@ def direct_body_writer(send: Send) -> DirectBodyWriter | None:
     """A writer for the response `send` belongs to, once its start has gone out chunked; None if the server or
     the response is another kind, or the server's internals are not the ones this was written against (the
     ASGI `send` then carries every chunk; tests/unit/test_directwrite.py fails rather than let that pass)."""
-    cycle = getattr(send, "__self__", None)
-    if type(cycle) is not RequestResponseCycle:
+    cycle = _cycle_of(send)
+    if cycle is None:
         return None
     try:
         usable = (cycle.response_started and cycle.chunked_encoding is True and not cycle.response_complete
@@ -94,15 +94,21 @@ def writes_joined(send: Send) -> Iterator[None]:
     head and its first events, one syscall and one client wake-up where there were two. The server still frames
     every byte and keeps its own state; only the moment of the write moves. Without uvicorn's httptools cycle
     behind `send`, writes go out as they are made."""
-    cycle = getattr(send, "__self__", None)
-    transport = getattr(cycle, "transport", None) if type(cycle) is RequestResponseCycle else None
-    if transport is None or not callable(getattr(transport, "write", None)):
+    cycle = _cycle_of(send)
+    if cycle is None or not callable(getattr(getattr(cycle, "transport", None), "write", None)):
         yield
         return
+    transport = cycle.transport
     held = _HeldWrites(transport)
-    cycle.transport = held  # type: ignore[union-attr]
+    cycle.transport = held  # type: ignore[assignment]  # a stand-in: holds writes, passes the rest on
     try:
         yield
     finally:
-        cycle.transport = transport  # type: ignore[union-attr]
+        cycle.transport = transport
         held.flush()
+
+
+def _cycle_of(send: Send) -> RequestResponseCycle | None:
+    """The uvicorn httptools request cycle whose `send` this is, if it is one."""
+    cycle = getattr(send, "__self__", None)
+    return cycle if type(cycle) is RequestResponseCycle else None

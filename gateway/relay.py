@@ -122,13 +122,13 @@ class Relay:
                 if opened is not None:  # written by the response before it asked for more
                     out, content_tokens, failed, saw_done = opened
                     opened = None
-                    self._delivered(content_tokens)
                 else:
                     out, content_tokens, failed, saw_done = self._take(pending, arrived_at)
                     if out:
                         self.final = failed or saw_done
                         yield out
-                        self._delivered(content_tokens)
+                if out:
+                    self._delivered(content_tokens)
                 if failed:
                     record.status = "502"
                     finished = True

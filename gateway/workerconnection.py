@@ -118,9 +118,7 @@ class WorkerConnection(asyncio.Protocol):
     def _offer(self, sink: Sink) -> None:
         """This network read's body bytes to the sink; refused, they and all that follow until the reader is
         back go through `read`."""
-        chunks = self._chunks
-        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+        body = self._take_chunks()
         try:
             taken = sink(body)
         except Exception as exc:
@@ -132,12 +130,9 @@ class WorkerConnection(asyncio.Protocol):
             self._wake()
             return
         if taken:
-            self._unread = 0
-            if self._paused and self.transport is not None:
-                self._paused = False
-                self.transport.resume_reading()
+            self._handed_on()
         else:
-            chunks.append(body)
+            self._chunks.append(body)
             self._sink = None
             self._wake()
 
@@ -192,12 +187,8 @@ class WorkerConnection(asyncio.Protocol):
             if self._complete:
                 return b""
             await self._wait()
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._unread = 0
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
+        data = self._take_chunks()
+        self._handed_on()
         return data
 
     async def read_inline(self, sink: Sink) -> bytes:
@@ -227,6 +218,20 @@ class WorkerConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def _take_chunks(self) -> bytes:
+        """The body bytes received and not yet handed on, as one."""
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return data
+
+    def _handed_on(self) -> None:
+        """What was received has left (to the reader or the sink): take more from the worker."""
+        self._unread = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
 
     async def _wait(self) -> None:
         if self._error is not None:
