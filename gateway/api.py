@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
@@ -10,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from starlette.types import Scope
 
 from gateway.cutoff import DeadlinePassed, WaitGuard
 from gateway.disconnect import ClientWatch
@@ -131,7 +133,7 @@ async def forward(request: Request, services: Services, kind: Kind, path: str) -
         try:
             with watch.guard():
                 if call.stream:
-                    response = await _stream(services, call, record, path, on_finish, watch)
+                    response = await _stream(services, call, record, path, on_finish, watch, request.scope)
                     streaming = True  # the response watches on and stops the watch
                     return response
                 return await _complete(services, call, record, path, on_finish)
@@ -177,18 +179,16 @@ async def _routed(services: Services, call: OpenAICall, record: RequestRecord, p
 
 async def _stream(
     services: Services, call: OpenAICall, record: RequestRecord, path: str,
-    on_finish: Callable[[RequestRecord], None], watch: ClientWatch,
+    on_finish: Callable[[RequestRecord], None], watch: ClientWatch, request_scope: Scope,
 ) -> Response:
-    worker, opened = await _routed(services, call, record, path, services.upstream.open_stream)
-    services.drainer.track(opened)
-
     def finish(done: RequestRecord) -> None:
         services.drainer.untrack(opened)
         services.pool.finished(worker)
         on_finish(done)
 
-    relay = Relay(opened, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock, finish)
-    return RelayEventStream(
+    # Made before the stream is open, so the first events can open the response from the worker's read callback.
+    relay = Relay(None, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock, finish)
+    response = RelayEventStream(
         relay.events(),
         watch=watch,
         after=relay.settle,
@@ -199,6 +199,14 @@ async def _stream(
         sep="\n",
         send_timeout=services.settings.sse_send_timeout_s,
     )
+    opener = response.inline_opener(request_scope)
+    opening = relay.open_inline(opener) if opener is not None else None
+    worker, opened = await _routed(
+        services, call, record, path, functools.partial(services.upstream.open_stream, opening=opening)
+    )
+    services.drainer.track(opened)
+    relay.attach(opened)
+    return response
 
 
 async def _complete(

@@ -13,15 +13,17 @@ a paused client) gets no writer or a refusal, and the body goes through the ASGI
 
 `writes_joined` holds what the server writes for a response over a few of its own `send`s and writes it as
 one: a stream's head and its first events, which used to be two writes a few microseconds apart.
+`ResponseOpener` does the same from a worker's read callback, so that a stream's first events reach the client
+without waiting for the request's task to be woken (a turn of the event loop, tens of ms under load).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Coroutine, Iterator
 from typing import Any
 
-from starlette.types import Send
+from starlette.types import Message, Send
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 
@@ -43,7 +45,11 @@ class DirectBodyWriter:
 
     def write(self, body: bytes) -> None:
         """One chunk, framed as the server frames it; call only right after `writable()` said yes."""
-        self._cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        self._cycle.transport.write(_framed(body))
+
+
+def _framed(body: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(body), body)
 
 
 def direct_body_writer(send: Send) -> DirectBodyWriter | None:
@@ -60,6 +66,70 @@ def direct_body_writer(send: Send) -> DirectBodyWriter | None:
     except AttributeError:
         return None
     return DirectBodyWriter(cycle) if usable else None
+
+
+class ResponseOpener:
+    """Starts one response from outside its task (a worker's read callback), with its body's first chunk: the
+    start goes through the app's own `send` (its middleware stamps the head), driven to its end at once, and the
+    head and the chunk leave in one write."""
+
+    __slots__ = ("_cycle", "_send", "_start")
+
+    def __init__(self, cycle: RequestResponseCycle, send: Send, start: Message) -> None:
+        self._cycle = cycle
+        self._send = send
+        self._start = start
+
+    def writable(self) -> bool:
+        """Not started yet, and the server's `send` would write now: nothing in it would wait."""
+        cycle = self._cycle
+        return not (cycle.response_started or cycle.flow.write_paused or cycle.disconnected
+                    or cycle.response_complete or cycle.transport.is_closing())
+
+    def open(self, body: bytes) -> DirectBodyWriter:
+        """The head and `body` in one write; call only right after `writable()` said yes. The writer it returns
+        carries the rest of the body."""
+        cycle = self._cycle
+        transport = cycle.transport
+        held = _HeldWrites(transport)
+        cycle.transport = held  # type: ignore[assignment]  # a stand-in: holds writes, passes the rest on
+        try:
+            _run_at_once(self._send(self._start))
+        finally:
+            cycle.transport = transport
+        if cycle.chunked_encoding is not True:
+            raise RuntimeError("the server did not start a chunked body")
+        if body:
+            held.parts.append(_framed(body))
+        held.flush()
+        return DirectBodyWriter(cycle)
+
+
+def response_opener(server_send: Send, app_send: Send, start: Message) -> ResponseOpener | None:
+    """An opener for the response `server_send` belongs to, with `start` sent through `app_send`; None if the
+    server is another kind, the response has started, or the start could be other than a chunked body."""
+    cycle = _cycle_of(server_send)
+    if cycle is None or any(name in (b"content-length", b"transfer-encoding") for name, _ in start["headers"]):
+        return None
+    try:
+        usable = (not cycle.response_started and cycle.chunked_encoding is None and cycle.scope["method"] == "POST"
+                  and isinstance(cycle.flow.write_paused, bool) and isinstance(cycle.disconnected, bool)
+                  and callable(cycle.transport.write) and callable(cycle.transport.is_closing))
+    except (AttributeError, KeyError):
+        return None
+    return ResponseOpener(cycle, app_send, start) if usable else None
+
+
+def _run_at_once(step: Awaitable[None]) -> None:
+    """Run a coroutine that does not wait (the start's `send` while the client is writable) to its end, here."""
+    if not isinstance(step, Coroutine):
+        raise TypeError(f"not a coroutine: {step!r}")
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    step.close()
+    raise RuntimeError("the response's start would have waited")
 
 
 class _HeldWrites:

@@ -18,7 +18,8 @@ coroutine each per event. The start and the events the stream opened on leave in
 one syscall and one client wake-up less per stream. Once the start is out, the relay is handed a direct writer
 for the same response (`direct_to`, gateway/directwrite.py): events that arrive while the stream waits are
 written from the worker connection's read callback, and only what that cannot write comes through this send
-loop.
+loop. Where the stream opened from that callback (`inline_opener`: the head and the first events written there
+as soon as they arrived), the response only sends what follows.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.cutoff import WaitGuard, WaitTooLong
-from gateway.directwrite import DirectBodyWriter, direct_body_writer, writes_joined
+from gateway.directwrite import DirectBodyWriter, ResponseOpener, direct_body_writer, response_opener, writes_joined
 from gateway.disconnect import ClientWatch
 from gateway.errors import ClientDisconnected
+from gateway.hotroutes import APP_SEND
 
 TRANSPORT_SEND = "specgate.transport_send"
 
@@ -48,7 +50,7 @@ class RelayEventStream(EventSourceResponse):
     def __init__(self, content: AsyncGenerator[bytes, None], *, watch: ClientWatch,
                  after: Callable[[], Awaitable[None]], is_final: Callable[[], bool] = lambda: False,
                  direct_to: Callable[[DirectBodyWriter], None] | None = None,
-                 opening: Callable[[], bytes] | None = None, **kwargs: Any) -> None:
+                 opening: Callable[[], bytes | None] | None = None, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._content = content
         self._opening = opening
@@ -59,6 +61,15 @@ class RelayEventStream(EventSourceResponse):
         # A reader that takes no bytes for send_timeout is cut: one write waits that long under flow control.
         self._send_guard = WaitGuard(self.send_timeout or None)
         self._pings: asyncio.Task[None] | None = None
+
+    def inline_opener(self, scope: Scope) -> ResponseOpener | None:
+        """An opener that starts this response from a worker's read callback (gateway/directwrite.py), with its
+        start sent through the app's `send` as `__call__` would send it; None off uvicorn's httptools server."""
+        server_send, app_send = scope.get(TRANSPORT_SEND), scope.get(APP_SEND)
+        if server_send is None or app_send is None:
+            return None
+        start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        return response_opener(server_send, app_send, start)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_send: Send = scope.get(TRANSPORT_SEND, send)
@@ -101,14 +112,16 @@ class RelayEventStream(EventSourceResponse):
     async def _send_stream(self, send: Send, body_send: Send) -> None:
         opening = self._opening() if self._opening is not None else b""
         ended = False
-        with writes_joined(body_send):  # the head and the events the stream opened on, in one write
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            if opening:
-                ended = await self._send_chunk(body_send, opening)
-        if self._direct_to is not None and not ended:
-            writer = direct_body_writer(body_send)
-            if writer is not None:
-                self._direct_to(writer)
+        # None: the head and the first events went out from the worker's read callback, and the relay writes on.
+        if opening is not None:
+            with writes_joined(body_send):  # the head and the events the stream opened on, in one write
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                if opening:
+                    ended = await self._send_chunk(body_send, opening)
+            if self._direct_to is not None and not ended:
+                writer = direct_body_writer(body_send)
+                if writer is not None:
+                    self._direct_to(writer)
         async for chunk in self._content:  # the relay's bytes, framed already
             if not ended:  # nothing follows the body's end; the content only runs on to its own end
                 ended = await self._send_chunk(body_send, chunk)

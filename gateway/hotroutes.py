@@ -22,6 +22,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import ClientDisconnected
+
+# The scope key under which a forwarding handler finds the `send` its response goes through (middleware and all),
+# to start that response from outside the request's task (gateway/eventstream.py, `inline_opener`).
+APP_SEND = "specgate.app_send"
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -46,15 +52,21 @@ class HotRoutes:
             started = True
             await send(message)
 
+        scope[APP_SEND] = send_noting_start
         try:
             response = await self._endpoints[scope["path"]](request)
             await response(scope, receive, send_noting_start)
         except Exception as exc:
             handler = self._handler_for(exc)
+            if started and isinstance(exc, ClientDisconnected):
+                return  # a response started from outside the task, whose client then left: nothing more to send
             if started or handler is None:
                 raise  # as under Starlette: once the response has started, only the server can end it
             error_response = await handler(request, exc)
             await error_response(scope, receive, send_noting_start)
+        finally:
+            # It refers to the server's request cycle, which holds the scope: left in it, a reference cycle.
+            del scope[APP_SEND]
 
     def _handler_for(self, exc: Exception) -> ExceptionHandler | None:
         if isinstance(exc, HTTPException) and exc.status_code in self._handlers:

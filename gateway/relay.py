@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from gateway.directwrite import DirectBodyWriter
+from gateway.directwrite import DirectBodyWriter, ResponseOpener
 from gateway.errors import GatewayError, UpstreamFailed
 from gateway.metrics import RequestRecord, token_count
-from gateway.sse import SEPARATOR, Event, encode_data
+from gateway.sse import SEPARATOR, Event, EventSplitter, encode_data
 from gateway.upstream import TRANSPORT_ERRORS, OpenStream
+from gateway.workerhttp import Sink
 
 DONE_EVENT = b"data: [DONE]\n\n"
 DISCONNECTED_STATUS = "499"
@@ -73,15 +74,21 @@ class Relay:
     Given a direct writer (`write_directly`), the events that arrive while `events()` waits for the worker are
     counted and written from the worker connection's read callback (`_inline`): no task wake-up, generator step
     or ASGI send per event. What that callback cannot finish (the stream's end, an error event, an event split
-    across reads, a client under flow control) it refuses, and `events()` takes it as before.
+    across reads, a client under flow control) it refuses, and `events()` takes it as before. With an opener
+    (`open_inline`), the stream's first events and the response's head go out from that callback too, so the
+    first token reaches the client without the task's wake-up on its way: a turn of the event loop, which under
+    load is most of what a gateway adds to the time to first token.
     """
 
-    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_opened", "_record", "_settled", "_stream", "_usage",
-                 "_writer", "final")
+    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_opened", "_opened_inline", "_opener", "_record",
+                 "_settled", "_stream", "_usage", "_writer", "final")
 
-    def __init__(self, stream: OpenStream, record: RequestRecord, usage: UsageFilter, clock: Callable[[], float],
-                 on_finish: Callable[[RequestRecord], None]) -> None:
-        self._stream = stream
+    _stream: OpenStream
+
+    def __init__(self, stream: OpenStream | None, record: RequestRecord, usage: UsageFilter,
+                 clock: Callable[[], float], on_finish: Callable[[RequestRecord], None]) -> None:
+        if stream is not None:
+            self._stream = stream
         self._record = record
         self._usage = usage
         self._clock = clock
@@ -90,20 +97,57 @@ class Relay:
         self._ended = False
         self._settled = False
         self._writer: DirectBodyWriter | None = None
+        self._opener: ResponseOpener | None = None
+        self._opened_inline = False
         # The first events' take, once `opening()` has handed their bytes to the response.
         self._opened: tuple[bytes, list[int], bool, bool] | None = None
         # True while `events()` holds its last chunk out ([DONE] or an error event): the response sends it with
         # the body's end in one write.
         self.final = False
 
+    def attach(self, stream: OpenStream) -> None:
+        """The worker stream this relays, once it is open (a relay made before it is `Relay(None, ...)`)."""
+        self._stream = stream
+
+    def open_inline(self, opener: ResponseOpener) -> Sink:
+        """A sink for the worker stream's first network read (`Upstream.open_stream`): if the client is writable
+        and the read holds whole events, none of them [DONE] or an error, it counts them and `opener` writes the
+        response's head and them at once, from the read callback. Refused, the stream opens as before, from the
+        request's task; nothing of the read has been counted then."""
+        self._opener = opener
+        return self._open_from_callback
+
+    def _open_from_callback(self, data: bytes) -> bool:
+        opener = self._opener
+        if opener is None or self._opened_inline or not opener.writable():
+            return False
+        splitter = EventSplitter()
+        events = [Event.parse(raw) for raw in splitter.feed(data)]
+        if not events or splitter.pending:
+            return False
+        for event in events:
+            if event.is_done or event.is_error:
+                return False
+        out, content_tokens, _, _ = self._take(events, self._clock())
+        self._writer = opener.open(out)
+        self._opened_inline = True
+        self._opener = None
+        self._delivered(content_tokens)
+        return True
+
     def write_directly(self, writer: DirectBodyWriter) -> None:
         """From now on, events that arrive while the stream waits go to `writer` from the worker's read callback
         (gateway/directwrite.py); the stream's end, errors and a paused client still come through `events()`."""
         self._writer = writer
 
-    def opening(self) -> bytes:
+    def opening(self) -> bytes | None:
         """The bytes of the events the stream opened on, for the response to write with its head (they are here
-        already: no wait). `events()` then starts after them; `final` says whether they end the body."""
+        already: no wait). `events()` then starts after them; `final` says whether they end the body. None: the
+        head and those events went out from the worker's read callback (`open_inline`), and events that arrive
+        next go out from there too."""
+        if self._opened_inline:
+            self._opened = (b"", [], False, False)
+            return None
         self._opened = opened = self._take(self._stream.first_events, self._stream.first_event_at)
         out, _, failed, saw_done = opened
         self.final = failed or saw_done

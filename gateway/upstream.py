@@ -36,7 +36,8 @@ TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError, WorkerConnectionError)
 
 @dataclass(eq=False)
 class OpenStream:
-    """A worker stream whose status was 200 and whose first event has arrived."""
+    """A worker stream whose status was 200 and whose first event has arrived (and, when it was taken from the
+    read callback, has gone to the client already: `first_events` is empty then)."""
 
     reply: WorkerReply
     splitter: EventSplitter
@@ -91,24 +92,35 @@ class Upstream:
         self._settings = settings
         self._clock = clock
 
-    async def open_stream(self, worker_url: str, path: str, body: bytes, request_id: str) -> OpenStream:
-        """Send the request and wait, within the first-token timeout, for a 200 and the first event."""
+    async def open_stream(self, worker_url: str, path: str, body: bytes, request_id: str,
+                          opening: Sink | None = None) -> OpenStream:
+        """Send the request and wait, within the first-token timeout, for a 200 and the first event. With
+        `opening`, the first network read of the body is offered to it from the worker's read callback; taken, it
+        has gone to the client (gateway.relay, `Relay.open_inline`), the stream is open with no `first_events`, and
+        no other worker can be tried for this request any more."""
         sent_at = self._clock()
         limit = self._settings.first_token_timeout_s
         reply: WorkerReply | None = None
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as deadline:
                 reply = await self._client.post(worker_url, path, body, request_id, True)
                 if reply.status != 200:
                     raise await _status_error(reply)
                 read = reply.read
                 splitter = EventSplitter()
                 events: list[Event] = []
-                while not events:
+                first_read = reply.read_first_inline if opening is not None else None
+                if first_read is not None and opening is not None:
+                    chunk: bytes | None = await first_read(_before(deadline, opening))
+                else:
                     chunk = await read()
+                while chunk is not None:  # None: the first read went to the client from the callback
                     if not chunk:
                         raise StopAsyncIteration
                     events = [Event.parse(raw) for raw in splitter.feed(chunk)]
+                    if events:
+                        break
+                    chunk = await read()
             guard = WaitGuard(self._settings.stream_idle_timeout_s)
             return OpenStream(reply, splitter, events, sent_at, self._clock(), guard=guard)
         except BaseException as exc:
@@ -136,6 +148,20 @@ class Upstream:
                 await reply.aclose()
         except TRANSPORT_ERRORS as exc:
             raise map_transport_error(exc) from exc
+
+
+def _before(deadline: asyncio.Timeout, opening: Sink) -> Sink:
+    """`opening`, refused once the first-token deadline has passed (the timeout's cancel may already be on its way
+    to the task, which would then retry elsewhere what a client has begun to receive), and clearing it once taken
+    (a long stream is bounded by its idle timeout from then on)."""
+
+    def open_in_time(data: bytes) -> bool:
+        if deadline.expired() or not opening(data):
+            return False
+        deadline.reschedule(None)
+        return True
+
+    return open_in_time
 
 
 async def _status_error(reply: WorkerReply) -> GatewayError:

@@ -4,7 +4,8 @@ errors it raises (gateway/workerwire.py pools these connections into the default
 A connection carries one request at a time. Its body is handed out as the network delivers it; past
 `HIGH_WATER` unread bytes the socket stops being read, so a slow client holds back the worker rather than
 the gateway's memory. While a reader waits in `read_inline`, each network read's body is offered to its sink
-first (the relay writes it to the client from here, gateway/directwrite.py).
+first (the relay writes it to the client from here, gateway/directwrite.py); `read_first_inline` does the same
+for a stream's first bytes, and lets its reader go once they are taken.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class WorkerConnection(asyncio.Protocol):
         self.on_lost: Callable[[WorkerConnection], None] | None = None
         # Set while a `read_inline` waits: takes each network read's body bytes in `data_received`, or refuses.
         self._sink: Sink | None = None
+        # Set while a `read_first_inline` waits: the first read the sink takes releases the reader.
+        self._release_on_take = False
+        self._taken = False
 
     # asyncio.Protocol
 
@@ -131,6 +135,10 @@ class WorkerConnection(asyncio.Protocol):
             return
         if taken:
             self._handed_on()
+            if self._release_on_take:
+                self._taken = True
+                self._sink = None
+                self._wake()
         else:
             self._chunks.append(body)
             self._sink = None
@@ -202,6 +210,25 @@ class WorkerConnection(asyncio.Protocol):
             return await self.read()
         finally:
             self._sink = None
+
+    async def read_first_inline(self, sink: Sink) -> bytes | None:
+        """`read_inline` for a stream's first bytes: None as soon as `sink` takes a network read (the reader is
+        released then, not at the next one); what it refuses, with all after it, as `read` gives it."""
+        if self._chunks or self._complete:
+            return await self.read()
+        self._sink, self._release_on_take, self._taken = sink, True, False
+        try:
+            while not self._taken:
+                if self._chunks:
+                    data = self._take_chunks()
+                    self._handed_on()
+                    return data
+                if self._complete:
+                    return b""
+                await self._wait()
+            return None
+        finally:
+            self._sink, self._release_on_take, self._taken = None, False, False
 
     @property
     def reusable(self) -> bool:

@@ -21,6 +21,8 @@ from gateway.settings import GatewaySettings
 Read = Callable[[], Awaitable[bytes]]  # the next network chunk of a body; b"" at its end
 Sink = Callable[[bytes], bool]  # takes body bytes as they arrive (True), or refuses them to the reader
 ReadInline = Callable[[Sink], Awaitable[bytes]]  # a Read that offers arriving bytes to a Sink while it waits
+# A ReadInline that returns None once the Sink has taken one network read.
+ReadFirstInline = Callable[[Sink], Awaitable[bytes | None]]
 
 MAX_CACHED_URLS = 1024
 CLOSED_STREAM = httpx.ByteStream(b"")  # stands in for a closed response's stream; holds nothing
@@ -40,6 +42,7 @@ class WorkerReply:
     close: Callable[[], Awaitable[None]]
     # Only the default client's connections (gateway.workerconnection) can hand bytes over from its read callback.
     read_inline: ReadInline | None = None
+    read_first_inline: ReadFirstInline | None = None
 
     async def aclose(self) -> None:
         """Close it; shielded so a cancelled caller still makes vLLM abort an unfinished stream."""

@@ -62,7 +62,8 @@ class WireWorkerClient:
         except BaseException:
             await release()
             raise
-        return WorkerReply(connection.status, headers, connection.read, release, connection.read_inline)
+        return WorkerReply(connection.status, headers, connection.read, release, connection.read_inline,
+                           connection.read_first_inline)
 
     async def aclose(self) -> None:
         self._closed = True

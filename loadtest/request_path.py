@@ -109,9 +109,9 @@ def instrument(marks: Marks) -> None:
     setattr(api, "_validated_call", validated_marked)  # noqa: B010
     open_stream, post = upstream.Upstream.open_stream, workerwire.WireWorkerClient.post
 
-    async def open_marked(self: Any, *args: Any) -> Any:
+    async def open_marked(self: Any, *args: Any, **kwargs: Any) -> Any:
         marks.mark("open")
-        opened = await open_stream(self, *args)
+        opened = await open_stream(self, *args, **kwargs)
         marks.mark("opened")
         return opened
 

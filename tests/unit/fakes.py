@@ -158,10 +158,11 @@ class SlowWorker:
     whether the gateway hung up on it (the signal vLLM uses to abort a request)."""
 
     def __init__(self, events: list[bytes], gap_s: float, first_delay_s: float = 0.0, status: int = 200,
-                 end_delay_s: float = 0.0) -> None:
+                 end_delay_s: float = 0.0, prefill_s: float = 0.0) -> None:
         self.events = events
         self.gap_s = gap_s
-        self.first_delay_s = first_delay_s
+        self.first_delay_s = first_delay_s  # before the head
+        self.prefill_s = prefill_s  # between the head and the first event, as vLLM answers
         self.end_delay_s = end_delay_s  # between the last event and the end of the body (chunked terminator)
         self.status = status
         self.started = threading.Event()
@@ -205,7 +206,8 @@ class SlowWorker:
         headers = [(b"content-type", b"text/event-stream")]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         for index, event in enumerate(self.events):
-            if index and await _sleep_or_disconnect(self.gap_s, watcher):
+            delay = self.gap_s if index else self.prefill_s
+            if (index or delay) and await _sleep_or_disconnect(delay, watcher):
                 self.disconnected.set()
                 return
             await send({"type": "http.response.body", "body": event, "more_body": True})

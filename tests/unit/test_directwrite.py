@@ -260,3 +260,64 @@ def test_a_stream_whole_in_its_first_read_reaches_a_client_that_asked_to_close()
                 received += piece
     assert received.startswith(b"HTTP/1.1 200")
     assert _dechunked(bytes(received)) == b"".join(events)
+
+
+class OpenSpy:
+    """Records each response opened from outside its task (gateway/directwrite.py, `ResponseOpener.open`), and
+    whether a worker connection's read callback was running it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import sys
+
+        from gateway import directwrite
+
+        self.from_read_callback: list[bool] = []
+        open_response = directwrite.ResponseOpener.open
+
+        def spy_open(opener: Any, body: bytes) -> DirectBodyWriter:
+            frame, callers = sys._getframe(1), []
+            while frame is not None:
+                callers.append((frame.f_code.co_name, frame.f_code.co_filename))
+                frame = frame.f_back  # type: ignore[assignment]
+            self.from_read_callback.append(
+                any(name == "data_received" and path.endswith("workerconnection.py") for name, path in callers)
+            )
+            return open_response(opener, body)
+
+        monkeypatch.setattr(directwrite.ResponseOpener, "open", spy_open)
+
+
+def test_a_streams_head_and_first_events_go_out_from_the_workers_read_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under load the request's task is woken a loop turn after the first event arrives, and that turn was most
+    # of what the gateway added to the time to first token: the callback that reads the event now writes it.
+    opened, flushed = OpenSpy(monkeypatch), FlushSpy(monkeypatch)
+    events = vllm_stream([1] * 4)
+    # The head at once and the first event later, as vLLM answers (its prefill comes between them).
+    with gateway_over(SlowWorker(events, gap_s=0.02, prefill_s=0.1)) as (url, _):
+        reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+        metrics = httpx.get(url + "/metrics").text
+    assert reply.status_code == 200 and reply.content == b"".join(events)
+    assert reply.headers["x-request-id"], "the head went through the app's middleware"
+    assert opened.from_read_callback == [True]
+    [joined] = flushed.flushed
+    head, _, body = joined.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == b"%x\r\n%b\r\n" % (len(events[0]), events[0]), "the head and the first event, one write"
+    assert _output_tokens(metrics) == 4
+    ttft = [line for line in metrics.splitlines() if line.startswith("specgate_time_to_first_token_seconds_count{")]
+    assert [float(line.rsplit(" ", 1)[1]) for line in ttft] == [1.0], "the first token is timed where it is written"
+
+
+def test_a_first_read_the_callback_cannot_take_opens_the_stream_from_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A first read that ends inside an event, or an error event first: the task takes them, as before.
+    opened = OpenSpy(monkeypatch)
+    events = vllm_stream([1] * 3)
+    split = SlowWorker([events[0] + events[1][:25], events[1][25:], *events[2:]], gap_s=0.02, prefill_s=0.1)
+    with gateway_over(split) as (url, _):
+        reply = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+    assert reply.status_code == 200 and reply.content == b"".join(events)
+    error = b'data: {"error": {"message": "boom", "type": "internal_error", "code": 500}}\n\n'
+    with gateway_over(SlowWorker([error, *events], gap_s=0.02, prefill_s=0.1)) as (url, _):
+        failed = httpx.post(url + "/v1/chat/completions", json=STREAM, timeout=10)
+    assert failed.status_code == 200 and failed.content.startswith(error) and DONE not in failed.content
+    assert opened.from_read_callback == []

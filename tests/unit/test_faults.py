@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -374,3 +376,78 @@ def test_a_reader_that_takes_no_bytes_is_cut_after_the_send_timeout_and_the_work
             assert worker.disconnected.wait(20), "a stalled reader held the worker request open"
             assert not worker.completed.is_set()
 
+
+
+class FirstReadClient:
+    """A worker client whose answer's first read reaches the gateway's opening sink `arrives_s` after the request,
+    and whose reader comes back `reader_back_s` after that: the two moments the first-token deadline can fall
+    between."""
+
+    def __init__(self, arrives_s: float, reader_back_s: float = 0.0) -> None:
+        self.arrives_s = arrives_s
+        self.reader_back_s = reader_back_s
+        self.taken: list[bool] = []
+        self.closed = False
+
+    async def post(self, worker_url: str, path: str, body: bytes, request_id: str, streaming: bool) -> Any:
+        from gateway.workerhttp import Sink, WorkerReply
+
+        async def read() -> bytes:
+            return b""
+
+        async def read_first_inline(sink: Sink) -> bytes | None:
+            loop = asyncio.get_running_loop()
+            taken: asyncio.Future[None] = loop.create_future()
+
+            def arrive() -> None:
+                self.taken.append(sink(chat_chunk("a", 1)))
+                if not taken.done():  # cancelled, with its task, by a deadline that passed first
+                    taken.set_result(None)
+
+            loop.call_later(self.arrives_s, arrive)
+            await taken
+            await asyncio.sleep(self.reader_back_s)
+            return None
+
+        async def close() -> None:
+            self.closed = True
+
+        return WorkerReply(200, {}, read, close, None, read_first_inline)
+
+
+def _recorded(sent: list[bytes]) -> Any:
+    def opening(data: bytes) -> bool:
+        sent.append(data)
+        return True
+
+    return opening
+
+
+@pytest.mark.anyio
+async def test_a_first_read_after_the_first_token_deadline_does_not_reach_the_client() -> None:
+    from gateway.errors import UpstreamTimeout
+    from gateway.upstream import Upstream
+
+    # The deadline's cancel may be on its way to the task when the read arrives: sent to the client then, the
+    # stream would be retried on another worker with the first worker's bytes already out.
+    late = FirstReadClient(arrives_s=0.3)
+    sent: list[bytes] = []
+    upstream = Upstream(late, settings_for("http://w", first_token_timeout_s=0.2), time.perf_counter)
+    with pytest.raises(UpstreamTimeout):
+        await upstream.open_stream("http://w", "/v1/chat/completions", b"{}", "r1", _recorded(sent))
+    await asyncio.sleep(0.2)
+    assert late.taken == [False] and sent == [] and late.closed
+
+
+@pytest.mark.anyio
+async def test_a_first_read_sent_to_the_client_ends_the_first_token_deadline() -> None:
+    from gateway.upstream import Upstream
+
+    # Taken at 0.1 s of a 0.2 s deadline, the reader back at 0.4 s: from the first bytes out, no retry elsewhere.
+    quick = FirstReadClient(arrives_s=0.1, reader_back_s=0.3)
+    sent: list[bytes] = []
+    upstream = Upstream(quick, settings_for("http://w", first_token_timeout_s=0.2), time.perf_counter)
+    opened = await upstream.open_stream("http://w", "/v1/chat/completions", b"{}", "r1", _recorded(sent))
+    assert quick.taken == [True] and sent == [chat_chunk("a", 1)]
+    assert opened.first_events == [] and not quick.closed
+    await opened.aclose()

@@ -49,8 +49,9 @@ def kept_garbage() -> Iterator[list[object]]:
 
 
 def test_streamed_and_complete_requests_leave_no_cyclic_garbage(kept_garbage: list[object]) -> None:
-    # Events apart, so the relay also writes some from the worker connection's read callback.
-    worker = SlowWorker(vllm_stream([1, 1, 1]), gap_s=0.005)
+    # The first event after the head and the others apart, as vLLM sends them: the stream opens from the worker
+    # connection's read callback, and the relay writes the rest from there too.
+    worker = SlowWorker(vllm_stream([1, 1, 1]), gap_s=0.005, prefill_s=0.02)
     with serve_in_thread(worker) as worker_url:
         app = create_app(settings_for(worker_url, request_log=False))
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=10) as client:

@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway import api
 from gateway.hotroutes import HotRoutes
@@ -105,3 +105,31 @@ async def test_an_unexpected_error_on_another_route_is_a_500_that_keeps_the_requ
             failed = await client.get("/v1/broken", headers={"x-request-id": "broken-1"})
     assert failed.status_code == 500 and failed.json()["error"]["message"] == "internal gateway error"
     assert failed.headers["x-request-id"] == "broken-1"
+
+
+async def test_a_response_started_through_the_scope_whose_client_then_left_ends_quietly() -> None:
+    from gateway.errors import ClientDisconnected
+    from gateway.hotroutes import APP_SEND
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def started_then_gone(request: Request) -> Response:
+        # As a stream opened from the worker's read callback: the start went out before the handler returned.
+        await request.scope[APP_SEND]({"type": "http.response.start", "status": 200, "headers": []})
+        raise ClientDisconnected()
+
+    async def answer_499(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)
+
+    scope: Scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+    hot = HotRoutes({"/x": started_then_gone}, {ClientDisconnected: answer_499})
+    await hot(scope, _no_body, send)
+    assert [message["type"] for message in sent] == ["http.response.start"], "no second start for the 499"
+    assert APP_SEND not in scope, "the scope does not keep the server's send (a reference cycle)"
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
