@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="direct,specgate,litellm,vllm-router")
     p.add_argument("--levels", type=_ints, default=(1, 100, 300, 600), help="latency: concurrent streams")
     p.add_argument("--rounds", type=int, default=3, help="latency: interleaved rounds per level")
-    p.add_argument("--requests-per-stream", type=int, default=2, help="latency: requests per stream per round")
+    p.add_argument("--requests-per-stream", type=int, default=LatencyPlan.requests_per_stream,
+                   help="latency: requests per stream per round")
     p.add_argument("--min-requests", type=int, default=24, help="latency: at least this many per round")
     p.add_argument("--ttft-ms", type=float, default=20.0)
     p.add_argument("--gap-ms", type=float, default=10.0)

@@ -19,7 +19,7 @@ def test_tiny_benchmark_writes_report_and_delivers_one_to_one(tmp_path: Path) ->
     args = bench_gateways.build_parser().parse_args([
         "--phases", "latency,burst,chunks", "--targets", "direct,specgate", "--levels", "4", "--rounds", "1",
         "--burst-levels", "4",
-        "--min-requests", "8", "--output-len", "5", "--ttft-ms", "5", "--gap-ms", "1",
+        "--requests-per-stream", "2", "--min-requests", "8", "--output-len", "5", "--ttft-ms", "5", "--gap-ms", "1",
         "--chunk-level", "4", "--chunk-rounds", "1", "--gateway-cpu", "", "--client-cpu", "",
         "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "report.md"),
     ])
@@ -75,7 +75,7 @@ def test_a_rerun_level_replaces_the_old_rows_and_commands_only_describe_kept_row
 def test_the_bare_relay_floor_delivers_every_event_and_token_it_is_sent(tmp_path: Path) -> None:
     args = bench_gateways.build_parser().parse_args([
         "--phases", "latency,chunks", "--targets", "direct,bare-relay", "--levels", "4", "--rounds", "1",
-        "--min-requests", "8", "--output-len", "5", "--ttft-ms", "5", "--gap-ms", "1",
+        "--requests-per-stream", "2", "--min-requests", "8", "--output-len", "5", "--ttft-ms", "5", "--gap-ms", "1",
         "--chunk-level", "4", "--chunk-rounds", "1", "--gateway-cpu", "", "--client-cpu", "",
         "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "report.md"),
     ])
