@@ -134,7 +134,7 @@ def instrument(marks: Marks) -> None:
     def open_from_callback_marked(self: Any, data: bytes) -> bool:
         marks.mark("first_read")
         taken = open_from_callback(self, data)
-        if taken:  # refused, the stream opens from its task and the request lacks this stage in the summary
+        if taken:  # refused, the stream opens from its task: without this stage, the summary leaves it out
             marks.mark("first_body")
         marks.flush()
         return taken

@@ -1,4 +1,4 @@
-"""Worker faults before and after the first byte, ejection, draining and graceful shutdown (real HTTP)."""
+"""Worker faults before and after the first byte, deadlines, pings and graceful shutdown (real HTTP)."""
 
 from __future__ import annotations
 
@@ -15,21 +15,14 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.discovery import resolve
-from gateway.loadsignals import parse_load
-from gateway.metrics import Metrics
-from gateway.pool import PoolTiming, Worker, WorkerPool
 from tests.unit.fakes import (
     CHAT,
     DONE,
     MODEL,
     STREAM,
-    ScriptedWorker,
     SlowWorker,
     chat_chunk,
-    gateway_client,
     gateway_over,
-    mock_transport,
     serve_in_thread,
     settings_for,
     vllm_stream,
@@ -165,118 +158,6 @@ def test_a_stream_that_opens_during_the_drain_ends_at_the_same_deadline() -> Non
     assert took < 1.6, took
 
 
-@pytest.mark.anyio
-async def test_a_worker_answering_429_is_retried_elsewhere() -> None:
-    busy = ScriptedWorker(url="http://busy:1", on_post=lambda r: httpx.Response(429, text="slow down"))
-    free = ScriptedWorker(url="http://free:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    settings = settings_for(busy.url, free.url, routing="round_robin")
-    async with gateway_client(settings, mock_transport(busy, free)) as (client, _):
-        answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(4)]
-    assert [a.status_code for a in answers] == [200] * 4
-
-
-@pytest.mark.anyio
-async def test_consecutive_failures_eject_a_worker_then_it_is_tried_again() -> None:
-    flaky = ScriptedWorker(url="http://flaky:1", on_post=lambda r: httpx.Response(500))
-    good = ScriptedWorker(url="http://good:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    now = [100.0]
-    settings = settings_for(flaky.url, good.url, routing="round_robin", eject_after_failures=2)
-    async with gateway_client(settings, mock_transport(flaky, good), clock=lambda: now[0]) as (client, _app):
-        for _ in range(4):
-            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
-        tried_while_ok = len(flaky.seen)
-        for _ in range(6):
-            await client.post("/v1/chat/completions", json=CHAT)
-        assert len(flaky.seen) == tried_while_ok, "an ejected worker gets no requests"
-        view = (await client.get("/admin/workers")).json()["workers"]
-        assert [w["available"] for w in view] == [False, True]
-        now[0] += 60
-        flaky.on_post = lambda r: httpx.Response(200, json={"choices": []})
-        for _ in range(4):
-            await client.post("/v1/chat/completions", json=CHAT)
-        assert len(flaky.seen) > tried_while_ok, "after its backoff the worker is tried again"
-
-
-@pytest.mark.anyio
-async def test_the_whole_pool_is_never_ejected() -> None:
-    workers = [ScriptedWorker(url=f"http://w{i}:1", on_post=lambda r: httpx.Response(500)) for i in range(2)]
-    async with gateway_client(settings_for(*(w.url for w in workers), eject_after_failures=1),
-                              mock_transport(*workers)) as (client, _):
-        for _ in range(3):
-            await client.post("/v1/chat/completions", json=CHAT)
-        seen = sum(len(w.seen) for w in workers)
-        await client.post("/v1/chat/completions", json=CHAT)
-        assert sum(len(w.seen) for w in workers) > seen, "with everyone ejected, workers are still tried"
-
-
-@pytest.mark.anyio
-async def test_a_draining_worker_gets_no_new_requests() -> None:
-    draining = ScriptedWorker(url="http://draining:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    other = ScriptedWorker(url="http://other:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    async with gateway_client(settings_for(draining.url, other.url, routing="round_robin"),
-                              mock_transport(draining, other)) as (client, app):
-        draining.healthy = False  # vLLM answers 503 on /health while it drains
-        await app.state.services.pool.refresh()
-        for _ in range(4):
-            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
-    assert draining.seen == [] and len(other.seen) == 4
-
-
-@pytest.mark.anyio
-async def test_load_is_scraped_and_stale_load_is_ignored() -> None:
-    worker = ScriptedWorker(url="http://w:1", metrics_text="vllm:num_requests_waiting{model_name=\"demo\"} 7.0\n")
-    now = [10.0]
-    async with gateway_client(settings_for(worker.url), mock_transport(worker), clock=lambda: now[0]) as (_, app):
-        pool = app.state.services.pool
-        (tracked,) = pool.workers
-        assert pool.queue_depth(tracked) == 7
-        now[0] += 4 * pool.timing.scrape_interval_s
-        assert pool.queue_depth(tracked) == 0, "a queue length several scrapes old must not steer routing"
-
-
-def test_parse_load_sums_label_sets_and_ignores_other_metrics() -> None:
-    text = "\n".join([
-        "# HELP vllm:num_requests_running x",
-        'vllm:num_requests_running{engine="0",model_name="demo"} 2.0',
-        'vllm:num_requests_running{engine="1",model_name="demo"} 3.0',
-        'vllm:kv_cache_usage_perc{model_name="demo"} 0.25',
-        'vllm:spec_decode_num_draft_tokens_total{model_name="demo"} 300.0',
-        'vllm:spec_decode_num_accepted_tokens_total{model_name="demo"} 150.0',
-        'vllm:spec_decode_num_drafts_total{model_name="demo"} 100.0',
-        'vllm:num_requests_running_by_reason{model_name="demo"} 99.0',
-    ])
-    load = parse_load(text, now=1.0)
-    assert (load.running, load.kv_cache_usage) == (5.0, 0.25)
-    assert load.acceptance_rate == 0.5
-    assert load.mean_acceptance_length == 2.5
-
-
-@pytest.mark.anyio
-async def test_dns_names_resolve_to_one_worker_per_address() -> None:
-    urls = await resolve(["dns+http://localhost:8100", "http://static:9000"])
-    assert "http://127.0.0.1:8100" in urls
-    assert "http://static:9000" in urls
-    assert await resolve(["dns+http://no-such-host.invalid:1"]) == []
-
-
-@pytest.mark.anyio
-async def test_discovery_adds_and_removes_workers_and_forgets_their_gauges() -> None:
-    metrics = Metrics()
-    removed: list[str] = []
-    async with httpx.AsyncClient(transport=mock_transport()) as client:
-        pool = WorkerPool(["http://a:1", "http://b:1"], client, metrics, lambda: 0.0, PoolTiming())
-        pool.on_removed(removed.append)
-        await pool.discover()
-        kept = pool.workers[0]
-        metrics.publish_worker("http://b:1", available=True, in_flight=0, load=Worker("x").load)
-        pool._entries = ["http://a:1", "http://c:1"]
-        await pool.discover()
-    assert [w.url for w in pool.workers] == ["http://a:1", "http://c:1"]
-    assert pool.workers[0] is kept, "a worker that stays keeps its state"
-    assert removed == ["http://b:1"]
-    assert metrics.registry.get_sample_value("specgate_worker_healthy", {"worker": "http://b:1"}) is None
-
-
 def test_finished_streams_hand_their_connection_back_to_the_pool() -> None:
     worker = SlowWorker(vllm_stream([1, 1, 1]), gap_s=0)
     with gateway_over(worker) as (url, _):
@@ -285,30 +166,6 @@ def test_finished_streams_hand_their_connection_back_to_the_pool() -> None:
             assert _events(reply.text)[-1] == "data: [DONE]"
     assert len(worker.clients) == 3
     assert len(set(worker.clients)) == 1, f"one kept-alive connection expected, saw {set(worker.clients)}"
-
-
-@pytest.mark.anyio
-async def test_one_slow_health_check_does_not_take_a_busy_worker_out() -> None:
-    worker = ScriptedWorker(url="http://busy:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
-        pool = app.state.services.pool
-        worker.health_error = httpx.ReadTimeout("busy")
-        await pool.refresh()
-        assert (await client.get("/ready")).status_code == 200, "one missed deadline is not a dead worker"
-        await pool.refresh()
-        assert (await client.get("/ready")).status_code == 503, "two in a row are"
-        worker.health_error = None
-        await pool.refresh()
-        assert (await client.get("/ready")).status_code == 200
-
-
-@pytest.mark.anyio
-async def test_a_refused_health_check_takes_the_worker_out_at_once() -> None:
-    worker = ScriptedWorker(url="http://gone:1")
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
-        worker.health_error = httpx.ConnectError("refused")
-        await app.state.services.pool.refresh()
-        assert (await client.get("/ready")).status_code == 503
 
 
 @contextlib.contextmanager

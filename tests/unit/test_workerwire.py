@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -20,82 +18,10 @@ from gateway.workerconnection import (
     WorkerReadTimeout,
     WorkerUnreachable,
 )
-from gateway.workerwire import WireWorkerClient, build_target
-from tests.unit.fakes import settings_for
+from gateway.workerwire import build_target
+from tests.unit.wirefakes import STREAM_HEAD, chunk, client, events_handler, read_body, read_request, serving
 
 pytestmark = pytest.mark.anyio
-
-STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.lower().split(b"\r\n")
-    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length"))
-    return head, await reader.readexactly(length)
-
-
-class Worker:
-    """A loopback HTTP/1.1 server running `handler` per connection; counts connections and closed ones."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.closed_by_client = 0
-        self.url = ""
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            await self.handler(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self.closed_by_client += 1
-        finally:
-            writer.close()
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[Worker]:
-    worker = Worker(handler)
-    server = await asyncio.start_server(worker._serve, "127.0.0.1", 0)
-    worker.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
-        yield worker
-    finally:
-        server.close()
-
-
-def events_handler(events: list[bytes]) -> Handler:
-    """Answers every request on the connection with `events` as one chunked SSE body."""
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(STREAM_HEAD + b"".join(chunk(event) for event in events) + b"0\r\n\r\n")
-            await writer.drain()
-
-    return handle
-
-
-@contextlib.asynccontextmanager
-async def client(**overrides: object) -> AsyncIterator[WireWorkerClient]:
-    wire = WireWorkerClient(settings_for("http://127.0.0.1:1", **overrides))
-    try:
-        yield wire
-    finally:
-        await wire.aclose()
-
-
-async def read_body(read: Callable[[], Awaitable[bytes]]) -> bytes:
-    body = b""
-    while piece := await read():
-        body += piece
-    return body
-
 
 async def test_a_body_read_to_its_end_returns_the_connection_for_the_next_request() -> None:
     events = [b"data: {}\n\n", b"data: [DONE]\n\n"]
@@ -313,99 +239,3 @@ def test_worker_addresses_become_origins_and_request_targets() -> None:
     assert build_target("https://gpu-0.internal", "/v1/completions").origin == ("https", "gpu-0.internal", 443)
     with pytest.raises(WorkerUnreachable):
         build_target("unix:///tmp/worker.sock", "/v1/completions")
-
-
-async def test_an_inline_read_hands_arriving_bytes_to_its_sink_until_the_sink_refuses() -> None:
-    events = [b"data: %d\n\n" % index for index in range(5)]
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(STREAM_HEAD + chunk(events[0]))
-        for event in events[1:]:
-            await asyncio.sleep(0.05)  # one network read per event
-            writer.write(chunk(event))
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-
-    taken: list[bytes] = []
-
-    def sink(body: bytes) -> bool:
-        if b"3" in body:
-            return False
-        taken.append(body)
-        return True
-
-    async with serving(handle) as worker, client() as wire:
-        reply = await wire.post(worker.url, "/v1/completions", b"{}", "req-1", True)
-        assert reply.read_inline is not None
-        # Bytes already received are the read's, not the sink's.
-        assert await reply.read_inline(sink) == events[0]
-        assert await reply.read_inline(sink) == events[3], "the first refused bytes end the read"
-        assert taken == events[1:3]
-        await asyncio.sleep(0.1)  # the last event arrives while nobody reads: it waits for the next read
-        assert await reply.read() == events[4]
-        assert await reply.read() == b""
-        assert taken == events[1:3]
-        await reply.aclose()
-
-
-async def test_a_sink_that_fails_ends_the_answer_as_a_bad_one_and_the_connection_is_not_reused() -> None:
-    events = [b"data: %d\n\n" % index for index in range(3)]
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(STREAM_HEAD + chunk(events[0]))
-            for event in events[1:]:
-                await asyncio.sleep(0.05)
-                writer.write(chunk(event))
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-
-    def sink(body: bytes) -> bool:
-        raise ValueError("cannot take this")
-
-    async with serving(handle) as worker, client() as wire:
-        reply = await wire.post(worker.url, "/v1/completions", b"{}", "req-1", True)
-        assert reply.read_inline is not None
-        assert await reply.read_inline(sink) == events[0]
-        with pytest.raises(WorkerBadResponse, match="could not be relayed"):
-            await reply.read_inline(sink)
-        await reply.aclose()
-        again = await wire.post(worker.url, "/v1/completions", b"{}", "req-2", True)
-        assert await read_body(again.read) == b"".join(events)
-        await again.aclose()
-    assert worker.connections == 2, "the failed connection was closed, a new one made"
-
-
-async def test_a_first_inline_read_lets_its_reader_go_once_the_sink_takes_a_read() -> None:
-    events = [b"data: %d\n\n" % index for index in range(4)]
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(STREAM_HEAD)  # the head at once, the events later: vLLM's prefill between them
-            for event in events:
-                await asyncio.sleep(0.05)
-                writer.write(chunk(event))
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-
-    taken: list[bytes] = []
-
-    def sink(body: bytes) -> bool:
-        taken.append(body)
-        return True
-
-    async with serving(handle) as worker, client() as wire:
-        reply = await wire.post(worker.url, "/v1/completions", b"{}", "req-1", True)
-        assert reply.read_first_inline is not None
-        assert await reply.read_first_inline(sink) is None
-        assert taken == [events[0]], "released at the first read taken, not kept on for the next"
-        assert await read_body(reply.read) == b"".join(events[1:]) and taken == [events[0]]
-        await reply.aclose()
-        refused = await wire.post(worker.url, "/v1/completions", b"{}", "req-2", True)
-        assert refused.read_first_inline is not None
-        assert await refused.read_first_inline(lambda body: False) == events[0], "refused bytes are the read's"
-        assert await read_body(refused.read) == b"".join(events[1:])
-        await refused.aclose()
