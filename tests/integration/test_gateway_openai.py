@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -129,9 +131,9 @@ def test_metrics_show_the_requests_ttft_below_e2e_and_its_tokens(
 
 
 def test_client_disconnect_mid_stream_frees_the_worker(gateway_url: str, worker_url: str) -> None:
-    max_tokens = 1500  # ~25 s of generation on these workers: it cannot end by itself within the test's bounds
+    max_tokens = 1500  # ~30 s of generation on these workers (~50 tokens/s): it cannot end within the test's bounds
     body = {"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-    generated_before = worker_metric(worker_url, GENERATED_TOKENS)
+    started = time.monotonic()
     with httpx.Client(timeout=60) as http, http.stream("POST", gateway_url + "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, r.read()
         lines = r.iter_lines()
@@ -142,10 +144,18 @@ def test_client_disconnect_mid_stream_frees_the_worker(gateway_url: str, worker_
             if len(seen) >= 5:
                 break
         assert len(seen) == 5 and all("error" not in line for line in seen), seen
+        read_s = time.monotonic() - started
+    # Counted from the moment the client left, not from the request: a CI run counted 1,314 tokens from the
+    # request on, which only a stream that ran ~25 s before the client left can explain, and said nothing of when.
+    generated_when_left = worker_metric(worker_url, GENERATED_TOKENS)
+    left_s = time.monotonic() - started
     # Leaving the block closed the connection mid-stream: within 2 s the worker stops generating for it.
     settled = generation_settles([worker_url], timeout_s=3.0, quiet_s=1.0)
-    assert settled is not None, "the worker went on generating after the client left"
-    assert settled - generated_before < max_tokens / 3
+    timing = f"5 events read after {read_s:.2f}s, connection closed after {left_s:.2f}s"
+    if read_s > 5:  # a first-token wait this long is a stall worth seeing in CI's summary, though not this test's point
+        warnings.warn(f"slow stream start through the gateway: {timing}", stacklevel=1)
+    assert settled is not None, f"the worker went on generating after the client left ({timing})"
+    assert settled - generated_when_left < max_tokens / 10, timing
 
 
 def test_vllm_bench_serve_through_the_gateway_has_no_failures(
