@@ -9,7 +9,7 @@ from typing import Any
 from gateway.directwrite import DirectBodyWriter, ResponseOpener
 from gateway.errors import GatewayError, UpstreamFailed
 from gateway.metrics import RequestRecord, token_count
-from gateway.sse import SEPARATOR, Event, EventSplitter, encode_data
+from gateway.sse import SEPARATOR, Event, EventSplitter, UsageTail, encode_data, usage_tail
 from gateway.upstream import TRANSPORT_ERRORS, OpenStream
 from gateway.workerhttp import Sink
 
@@ -48,6 +48,22 @@ class UsageFilter:
             record.output_tokens = max(record.output_tokens, self._tokens_seen)
             return 1
         return 0
+
+    def take_tail(self, tail: UsageTail, record: RequestRecord) -> tuple[bytes, int] | None:
+        """A content chunk read from its usage (`gateway.sse.usage_tail`): the bytes the client gets and the new
+        tokens it carries; None, with nothing counted, if it carries no new token (the whole parse then takes it,
+        as it takes every event that is not plainly one more token or more)."""
+        raw, at, usage = tail
+        completion = token_count(usage.get("completion_tokens"))
+        delta = completion - self._tokens_seen
+        if delta <= 0:
+            return None
+        self.exact = True
+        self._tokens_seen = completion
+        record.prompt_tokens = token_count(usage.get("prompt_tokens")) or record.prompt_tokens
+        record.output_tokens = completion
+        # Without its usage member: the bytes up to it, and the top-level object's closing brace.
+        return (raw + SEPARATOR if self._continuous else raw[:at] + b"}" + SEPARATOR), delta
 
     def client_bytes(self, event: Event) -> bytes | None:
         """The bytes to send for this event, or None to hold it back (usage the client did not ask for)."""
@@ -202,7 +218,8 @@ class Relay:
             if not self._clean_end:
                 await self._close()
 
-    def _take(self, events: list[Event], arrived_at: float) -> tuple[bytes, list[int], bool, bool]:
+    def _take(self, events: list[Event] | list[Event | UsageTail], arrived_at: float,
+              ) -> tuple[bytes, list[int], bool, bool]:
         """Count one read's events and frame what the client gets of them: (bytes, tokens of each counted event,
         an error event ended it, [DONE] is among them). Events that came in one read leave in one write: none
         waits for another, and under load the per-write cost is paid once per read instead of once per event."""
@@ -210,7 +227,18 @@ class Relay:
         out = b""
         content_tokens: list[int] = []
         failed = saw_done = False
-        for event in events:
+        for item in events:
+            if isinstance(item, Event):
+                event = item
+            else:
+                taken = usage.take_tail(item, record)
+                if taken is not None:
+                    if record.upstream_first_token_at is None:
+                        record.upstream_first_token_at = arrived_at
+                    out = out + taken[0] if out else taken[0]
+                    content_tokens.append(taken[1])
+                    continue
+                event = Event.parse(item[0])
             payload = event.payload
             tokens = usage.tokens_in(payload, record, event.has_content) if payload else 0
             counted = event.has_content or tokens
@@ -236,11 +264,17 @@ class Relay:
         if writer is None or splitter.pending or not writer.writable():
             return False
         arrived_at = self._clock()
-        events = [Event.parse(raw) for raw in splitter.feed(data)]
-        for event in events:
+        events: list[Event | UsageTail] = []
+        for raw in splitter.feed(data):
+            tail = usage_tail(raw)
+            if tail is not None:
+                events.append(tail)
+                continue
+            event = Event.parse(raw)
             if event.is_done or event.is_error:
                 splitter.clear()  # it was empty before this read, which `events()` now takes whole
                 return False
+            events.append(event)
         out, content_tokens, _, _ = self._take(events, arrived_at)
         if out:
             writer.write(out)
