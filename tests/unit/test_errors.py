@@ -143,8 +143,9 @@ async def test_worker_5xx_on_every_worker_is_a_502_with_retry_after() -> None:
     assert [len(w.seen) for w in workers] == [1, 1], "each worker tried once"
 
 
-async def test_a_failing_worker_is_retried_on_another_before_the_first_byte() -> None:
-    bad = ScriptedWorker(url="http://bad:8100", on_post=lambda r: httpx.Response(503, text="draining"))
+@pytest.mark.parametrize("status, text", [(503, "draining"), (429, "slow down")])
+async def test_a_failing_or_busy_worker_is_retried_on_another_before_the_first_byte(status: int, text: str) -> None:
+    bad = ScriptedWorker(url="http://bad:8100", on_post=lambda r: httpx.Response(status, text=text))
     good = ScriptedWorker(url="http://good:8100", on_post=lambda r: httpx.Response(200, json={"choices": []}))
     settings = settings_for(bad.url, good.url, routing="round_robin")
     async with gateway_client(settings, mock_transport(bad, good)) as (client, _):

@@ -1,5 +1,5 @@
-"""The worker pool under faults: retries on 429, ejection and its backoff, draining workers, load scrapes,
-discovery and health checks, through the gateway on mock transports."""
+"""The worker pool under faults: ejection and its backoff, draining workers, load scrapes, discovery and
+health checks, through the gateway on mock transports (a 429 retried elsewhere: test_errors.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,6 @@ from gateway.loadsignals import parse_load
 from gateway.metrics import Metrics
 from gateway.pool import PoolTiming, Worker, WorkerPool
 from tests.unit.fakes import CHAT, ScriptedWorker, gateway_client, mock_transport, settings_for
-
-
-@pytest.mark.anyio
-async def test_a_worker_answering_429_is_retried_elsewhere() -> None:
-    busy = ScriptedWorker(url="http://busy:1", on_post=lambda r: httpx.Response(429, text="slow down"))
-    free = ScriptedWorker(url="http://free:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    settings = settings_for(busy.url, free.url, routing="round_robin")
-    async with gateway_client(settings, mock_transport(busy, free)) as (client, _):
-        answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(4)]
-    assert [a.status_code for a in answers] == [200] * 4
 
 
 @pytest.mark.anyio
