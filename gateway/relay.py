@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from gateway.directwrite import DirectBodyWriter, ResponseOpener
@@ -34,14 +34,7 @@ class UsageFilter:
         usage = payload.get("usage")
         if isinstance(usage, dict):
             completion = token_count(usage.get("completion_tokens"))
-            record.prompt_tokens = token_count(usage.get("prompt_tokens")) or record.prompt_tokens
-            record.output_tokens = completion
-            if payload.get("choices"):
-                self.exact = True
-                delta = completion - self._tokens_seen
-                self._tokens_seen = completion
-                return max(delta, 0)
-            return 0
+            return self._counted(usage, completion, record, bool(payload.get("choices")))
         if has_content and not self.exact:
             # A worker without per-chunk usage: one token per content event is the best estimate.
             self._tokens_seen += 1
@@ -55,15 +48,23 @@ class UsageFilter:
         as it takes every event that is not plainly one more token or more)."""
         raw, at, usage = tail
         completion = token_count(usage.get("completion_tokens"))
-        delta = completion - self._tokens_seen
-        if delta <= 0:
+        if completion <= self._tokens_seen:
             return None
-        self.exact = True
-        self._tokens_seen = completion
+        tokens = self._counted(usage, completion, record, True)
+        # Without its usage member: the bytes up to it, and the top-level object's closing brace.
+        return (raw + SEPARATOR if self._continuous else raw[:at] + b"}" + SEPARATOR), tokens
+
+    def _counted(self, usage: dict[str, Any], completion: int, record: RequestRecord, has_choices: bool) -> int:
+        """Take an event's cumulative usage into the record; the new output tokens it carries (none for the
+        usage-only chunk, which has no choices)."""
         record.prompt_tokens = token_count(usage.get("prompt_tokens")) or record.prompt_tokens
         record.output_tokens = completion
-        # Without its usage member: the bytes up to it, and the top-level object's closing brace.
-        return (raw + SEPARATOR if self._continuous else raw[:at] + b"}" + SEPARATOR), delta
+        if not has_choices:
+            return 0
+        self.exact = True
+        delta = completion - self._tokens_seen
+        self._tokens_seen = completion
+        return max(delta, 0)
 
     def client_bytes(self, event: Event) -> bytes | None:
         """The bytes to send for this event, or None to hold it back (usage the client did not ask for)."""
@@ -218,8 +219,7 @@ class Relay:
             if not self._clean_end:
                 await self._close()
 
-    def _take(self, events: list[Event] | list[Event | UsageTail], arrived_at: float,
-              ) -> tuple[bytes, list[int], bool, bool]:
+    def _take(self, events: Sequence[Event | UsageTail], arrived_at: float) -> tuple[bytes, list[int], bool, bool]:
         """Count one read's events and frame what the client gets of them: (bytes, tokens of each counted event,
         an error event ended it, [DONE] is among them). Events that came in one read leave in one write: none
         waits for another, and under load the per-write cost is paid once per read instead of once per event."""

@@ -124,7 +124,7 @@ def usage_tail(raw: bytes) -> UsageTail | None:
     if at < 0:
         return None
     try:
-        usage = orjson.loads(raw[at + 9 : -1])
+        usage = orjson.loads(raw[at + len(USAGE_MEMBER) - 1 : -1])  # from the usage object's brace
     except orjson.JSONDecodeError:
         return None
     return (raw, at, usage) if isinstance(usage, dict) else None
