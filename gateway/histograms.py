@@ -37,6 +37,20 @@ class Series:
         self._counts[bisect.bisect_left(self._upper_bounds, value)] += times
         self.total += value * times
 
+    def observe_each(self, values: Sequence[float]) -> None:
+        """Each of `values` once: sorted, a bucket's share is one bisect, so a stream's gaps cost a few bisects
+        over the bounds they reach, not a call per gap."""
+        ordered = sorted(values)
+        left, counts = len(ordered), self._counts
+        start = 0
+        for index, bound in enumerate(self._upper_bounds):
+            if start == left:
+                break
+            end = bisect.bisect_right(ordered, bound, start)  # the values <= bound: inclusive, as in observe()
+            counts[index] += end - start
+            start = end
+        self.total += sum(ordered)
+
     def cumulative(self) -> list[tuple[str, float]]:
         running, rows = 0, []
         for bound, count in zip(self._upper_bounds, self._counts, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -306,11 +307,20 @@ class Metrics:
         chunk_sizes = self.tokens_per_chunk.labels(*labels)
         if record.first_chunk_tokens > 0:
             chunk_sizes.observe(record.first_chunk_tokens)
-        for gap, tokens in record.chunk_gaps:
-            per_chunk.observe(gap)
+        if not record.chunk_gaps:
+            return
+        gaps, tokens_each = zip(*record.chunk_gaps, strict=True)
+        per_chunk.observe_each(gaps)
+        sizes = collections.Counter(tokens_each)
+        if sizes.get(1) == len(tokens_each):
+            per_token.observe_each(gaps)  # one token per event (no speculation): each gap is a token's gap
+        else:
+            for gap, tokens in record.chunk_gaps:
+                if tokens > 0:
+                    per_token.observe(gap / tokens, tokens)
+        for tokens, times in sizes.items():
             if tokens > 0:
-                chunk_sizes.observe(tokens)
-                per_token.observe(gap / tokens, tokens)
+                chunk_sizes.observe(tokens, times)
 
     def log(self, record: RequestRecord) -> None:
         if request_logger.isEnabledFor(logging.INFO):

@@ -49,3 +49,21 @@ def test_a_series_created_before_use_is_exposed_at_zero_and_labels_are_checked()
     assert registry.get_sample_value("tokens_per_chunk_bucket", {"model": "demo", "worker": "w1", "le": "+Inf"}) == 0
     with pytest.raises(ValueError, match="takes labels"):
         histogram.labels("demo")
+
+
+@pytest.mark.parametrize("values", [
+    [], [0.01], [0.001, 0.01, 0.1, 1.0], [5.0, 7.0], [0.0005] * 40 + [0.05, 0.05, 0.0099, 0.01, 3.0],
+], ids=["none", "one", "on-every-bound", "above-the-last-bound", "many"])
+def test_values_observed_each_at_once_match_one_by_one_observations(values: list[float]) -> None:
+    reference_registry, batch_registry = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("gap_seconds", "doc", ["model"], buckets=BUCKETS, registry=reference_registry)
+    batched = BatchHistogram("gap_seconds", "doc", ["model"], BUCKETS, batch_registry)
+    shuffled = values[::-1] + values[::2]  # unordered, with repeats
+    series = reference.labels("a")
+    for value in shuffled:
+        series.observe(value)
+    batched.labels("a").observe_each(shuffled)
+    expected, got = _samples(reference_registry), _samples(batch_registry)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key

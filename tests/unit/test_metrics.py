@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
-from gateway.metrics import Metrics, RequestRecord
+from gateway.metrics import TOKEN_GAP_BUCKETS, TOKENS_PER_CHUNK_BUCKETS, Metrics, RequestRecord
 from gateway.relay import Relay, UsageFilter
 from gateway.sse import Event, EventSplitter
 from gateway.upstream import OpenStream
@@ -114,3 +115,40 @@ def test_per_token_gaps_weight_each_token() -> None:
     record.on_content(1.5, 1)
     assert record.token_gaps() == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.1])
     assert record.ttft_seconds == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("tokens_each", [[1] * 40, [1, 3, 0, 2, 1, 1, 4, 0, 1] * 4],
+                         ids=["one-token-events", "speculative-and-empty-events"])
+def test_gap_histograms_hold_each_gap_in_its_bucket(tokens_each: list[int]) -> None:
+    """Buckets, counts and sums of a stream's gaps, against prometheus_client's own histograms fed one value at
+    a time: per event (inter-chunk), per token (the gap over the event's tokens, once per token) and per event's
+    tokens; events that carried no token count as gaps between events only."""
+    record = RequestRecord(request_id="r", model="demo", endpoint="chat", stream=True, received_at=0.0)
+    record.worker = "w1"
+    now = 0.02
+    record.on_content(now, 1)
+    for index, tokens in enumerate(tokens_each):
+        now += (0.0005, 0.01, 0.0123, 0.04, 0.3)[index % 5]  # bounds and values between them
+        record.on_content(now, tokens)
+    metrics = Metrics()
+    metrics.record(record)
+
+    registry = CollectorRegistry()
+    names = ("specgate_inter_chunk_seconds", "specgate_time_between_tokens_seconds", "specgate_tokens_per_chunk")
+    per_chunk, per_token = (Histogram(name, "doc", buckets=TOKEN_GAP_BUCKETS, registry=registry) for name in names[:2])
+    chunk_sizes = Histogram(names[2], "doc", buckets=TOKENS_PER_CHUNK_BUCKETS, registry=registry)
+    chunk_sizes.observe(1)
+    for gap, tokens in record.chunk_gaps:
+        per_chunk.observe(gap)
+        if tokens:
+            chunk_sizes.observe(tokens)
+            for _ in range(tokens):
+                per_token.observe(gap / tokens)
+    for name in names:
+        bounds = TOKENS_PER_CHUNK_BUCKETS if name == names[2] else TOKEN_GAP_BUCKETS
+        for bound in (*bounds, float("inf")):
+            le = "+Inf" if bound == float("inf") else str(float(bound))
+            expected = registry.get_sample_value(f"{name}_bucket", {"le": le})
+            assert _value(metrics, f"{name}_bucket", le=le) == expected, (name, le)
+        assert _value(metrics, f"{name}_count") == registry.get_sample_value(f"{name}_count")
+        assert _value(metrics, f"{name}_sum") == pytest.approx(registry.get_sample_value(f"{name}_sum"))
