@@ -1,4 +1,5 @@
-"""Benchmark of HTTP clients for the load generator: client CPU per SSE event, aiohttp vs httpx, same fake engine.
+"""Benchmark of HTTP clients for the load generator: client CPU per SSE event, aiohttp vs httpx vs the load
+generator's own (loadtest/wire_client.py), same fake engine.
 
     .venv/bin/python -m loadtest.bench_clients --streams 100 --tokens 200 --gap-ms 5
 
@@ -20,7 +21,7 @@ import orjson
 
 from loadtest.bench_procs import free_port, pinned, wait_healthy
 
-CLIENTS = ("aiohttp", "httpx")
+CLIENTS = ("aiohttp", "httpx", "wire")
 
 
 async def _aiohttp(url: str, body: bytes, streams: int) -> int:
@@ -53,13 +54,36 @@ async def _httpx(url: str, body: bytes, streams: int) -> int:
         return sum(await asyncio.gather(*(one() for _ in range(streams))))
 
 
+async def _wire(url: str, body: bytes, streams: int) -> int:
+    from loadtest.wire_client import StreamClient
+
+    client = StreamClient(url)
+    try:
+        async def one() -> int:
+            events = 0
+
+            def take(data: bytes) -> None:
+                nonlocal events
+                events += data.count(b"\n\n")
+
+            await client.post(body, take)
+            return events
+
+        return sum(await asyncio.gather(*(one() for _ in range(streams))))
+    finally:
+        await client.aclose()
+
+
+READERS = {"aiohttp": _aiohttp, "httpx": _httpx, "wire": _wire}
+
+
 def run_client(name: str, url: str, streams: int, tokens: int) -> None:
     """Child process: one warm-up pass, then a measured pass; prints one JSON line."""
     import uvloop
 
     body = orjson.dumps({"model": "demo", "prompt": "hi", "max_tokens": tokens, "ignore_eos": True, "stream": True,
                          "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
-    read = _aiohttp if name == "aiohttp" else _httpx
+    read = READERS[name]
     uvloop.run(read(url, body, streams))
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     events = uvloop.run(read(url, body, streams))

@@ -179,9 +179,9 @@ def markdown(phases: dict[str, dict[str, Any]], title: str, plots: Sequence[Path
     lines += ["```", ""]
     skipped = sorted({note for data in phases.values() for note in data["skipped"]})
     lines += [f"- {note}" for note in skipped] + ([""] if skipped else [])
-    lines += ["TTFT, TPOT and ITL are `vllm bench serve`'s definitions, from `specgate loadtest`'s client (aiohttp); "
-              "percentiles pool every round's requests. Rounds are interleaved: per level, each round runs every "
-              "target in turn.", ""]
+    lines += ["TTFT, TPOT and ITL are `vllm bench serve`'s definitions, from `specgate loadtest`'s client "
+              "(loadtest/wire_client.py, each read timed in its read callback); percentiles pool every round's "
+              "requests. Rounds are interleaved: per level, each round runs every target in turn.", ""]
     sections = (("latency", "## Latency at GPU-like timing, steady state", latency_tables),
                 ("burst", "## Latency when every stream starts at once (bursts)", latency_tables),
                 ("chunks", "## 4 tokens per event (speculative decoding)", latency_tables),

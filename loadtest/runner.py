@@ -11,12 +11,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import aiohttp
-
 from loadtest.records import RequestRecord, RequestSpec
-from loadtest.sse_client import ClientOptions, build_session, send_request
+from loadtest.sse_client import ClientOptions, build_client, send_request
 from loadtest.summary import summarize
 from loadtest.targets import resolve_target
+from loadtest.wire_client import StreamClient
 from loadtest.workloads import RandomPrompts, Session, TraceReplay, Workload
 
 
@@ -90,10 +89,10 @@ class RunResult:
 class _Run:
     """State of one run: budget, records and progress, shared by its request tasks."""
 
-    def __init__(self, config: LoadConfig, session: aiohttp.ClientSession, options: ClientOptions,
+    def __init__(self, config: LoadConfig, client: StreamClient, options: ClientOptions,
                  on_record: Callable[[RequestRecord], None]) -> None:
         self.config = config
-        self.session = session
+        self.client = client
         self.options = options
         self.on_record = on_record
         self.records: list[RequestRecord] = []
@@ -139,7 +138,7 @@ class _Run:
                 record.queue_s = time.perf_counter() - arrived
                 record.session, record.turn = spec.session, spec.turn
                 try:
-                    reply = await send_request(self.session, self.options, spec, record, run_start=self.start,
+                    reply = await send_request(self.client, self.options, spec, record, run_start=self.start,
                                                want_text=spec.session is not None)
                 finally:
                     self.on_record(record)
@@ -221,7 +220,7 @@ def arrival_offsets(rate: float, burstiness: float, seed: int, count: int | None
     yield from (offset * factor for offset in offsets)
 
 
-async def _warm_up(config: LoadConfig, session: aiohttp.ClientSession, options: ClientOptions) -> None:
+async def _warm_up(config: LoadConfig, client: StreamClient, options: ClientOptions) -> None:
     """Requests outside the measurement, so connection setup does not skew the first records. Their prompts
     come from another seed where the workload has one: replaying the measured prompts would put them in the
     server's prefix cache and understate those requests' TTFT (a trace has no other prompts to send)."""
@@ -230,7 +229,7 @@ async def _warm_up(config: LoadConfig, session: aiohttp.ClientSession, options: 
         first = next(next(sessions, iter(())), None)
         if first is None:
             return
-        await send_request(session, options, first, RequestRecord(index=-1 - index), run_start=time.perf_counter())
+        await send_request(client, options, first, RequestRecord(index=-1 - index), run_start=time.perf_counter())
 
 
 async def run_scenario(config: LoadConfig, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
@@ -248,10 +247,11 @@ async def run_scenario(config: LoadConfig, on_record: Callable[[RequestRecord], 
         if on_record is not None:
             on_record(record)
 
-    async with build_session(options) as session:
+    client = build_client(options)
+    try:
         if config.warmup_requests:
-            await _warm_up(config, session, options)
-        run = _Run(config, session, options, record_done)
+            await _warm_up(config, client, options)
+        run = _Run(config, client, options, record_done)
         sessions = iter(config.workload.sessions())
         driver = asyncio.ensure_future(
             run.closed_loop(sessions) if config.arrival == "concurrency" else run.open_loop(sessions))
@@ -268,6 +268,8 @@ async def run_scenario(config: LoadConfig, on_record: Callable[[RequestRecord], 
             duration = time.perf_counter() - run.start
             if progress is not None:
                 progress.close()
+    finally:
+        await client.aclose()
     # Rates are over the measured part: from the end of the ramp-up, when every stream runs, counting what
     # arrived in it from every request (the ramp-up's own requests run on into it).
     ramp_up_s = min(config.ramp_up_s, duration)

@@ -1,4 +1,4 @@
-"""Load generator client: send one streaming OpenAI request over aiohttp and time its SSE events."""
+"""Load generator client: send one streaming OpenAI request (loadtest/wire_client.py) and time its SSE events."""
 
 from __future__ import annotations
 
@@ -7,11 +7,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
+from gateway.workerconnection import (
+    WorkerBadResponse,
+    WorkerBodyCut,
+    WorkerConnectionError,
+    WorkerConnectTimeout,
+    WorkerHungUp,
+    WorkerReadTimeout,
+    WorkerUnreachable,
+)
 from loadtest import records as kinds
 from loadtest.records import RequestRecord, RequestSpec
+from loadtest.wire_client import StreamClient
 
 _SEPARATOR = b"\n\n"
 
@@ -32,12 +41,9 @@ class ClientOptions:
     read_timeout_s: float = 60.0
 
 
-def build_session(options: ClientOptions) -> aiohttp.ClientSession:
-    """One pooled session per run; the run's own scheduler bounds concurrency, so the pool does not."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=options.request_timeout_s, sock_read=options.read_timeout_s,
-                                    sock_connect=10)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, trust_env=False)
+def build_client(options: ClientOptions) -> StreamClient:
+    """One client per run, its connections kept alive; the run's own scheduler bounds concurrency."""
+    return StreamClient(options.url, options.headers)
 
 
 def build_body(spec: RequestSpec, options: ClientOptions) -> bytes:
@@ -151,42 +157,85 @@ class _StreamState:
 
 
 async def send_request(
-    session: aiohttp.ClientSession, options: ClientOptions, spec: RequestSpec, record: RequestRecord, *,
+    client: StreamClient, options: ClientOptions, spec: RequestSpec, record: RequestRecord, *,
     run_start: float, want_text: bool = False,
 ) -> str:
     """Send `spec`, fill `record` in place, and return the reply text when `want_text` (for chat histories)."""
-    headers = {"content-type": "application/json", **dict(options.headers)}
-    if spec.session is not None:
-        headers["x-session-id"] = spec.session
+    extra = b"x-session-id: %s\r\n" % spec.session.encode("latin-1") if spec.session is not None else b""
     body = build_body(spec, options)
     start = time.perf_counter()
     record.start_s = start - run_start
     state = _StreamState(record, start, options.chat, want_text)
+    idle = _IdleCutoff(options.read_timeout_s)
+
+    def take(data: bytes) -> None:
+        now = time.perf_counter()
+        idle.last_read = now
+        state.feed(data, now)
+
     try:
-        async with session.post(options.url, data=body, headers=headers) as response:
-            record.status = response.status
-            if response.status != 200:
-                record.kind = kinds.http_kind(response.status)
-                record.error = (await response.read())[:500].decode("utf-8", "replace")
-                record.latency_s = time.perf_counter() - start
-                return ""
-            async for data in response.content.iter_any():
-                state.feed(data, time.perf_counter())
-            state.finish(time.perf_counter())
+        with idle:
+            async with asyncio.timeout(options.request_timeout_s):
+                answer = await client.post(body, take, extra)
+        record.status = answer.status
+        if answer.status != 200:
+            record.kind = kinds.http_kind(answer.status)
+            record.error = answer.body[:500].decode("utf-8", "replace")
+            record.latency_s = time.perf_counter() - start
+            return ""
+        state.finish(time.perf_counter())
     except asyncio.CancelledError:
-        record.kind, record.error = kinds.CANCELLED, "cancelled at the end of the run"
-        raise
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        if not idle.cut:
+            record.kind, record.error = kinds.CANCELLED, "cancelled at the end of the run"
+            raise
+        record.kind, record.error = kinds.TIMEOUT, f"nothing received for {options.read_timeout_s:g}s"
+    except (TimeoutError, WorkerReadTimeout) as exc:
         record.kind, record.error = kinds.TIMEOUT, f"{type(exc).__name__}: {exc}"
-    except aiohttp.ClientConnectorError as exc:
+    except (WorkerUnreachable, WorkerConnectTimeout) as exc:
         record.kind, record.error = kinds.CONNECT, str(exc)
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+    except (WorkerHungUp, WorkerBodyCut, ConnectionError) as exc:
         record.kind, record.error = kinds.RESET, f"{type(exc).__name__}: {exc}"
-    except (aiohttp.ClientError, ValueError) as exc:
+    except (WorkerBadResponse, WorkerConnectionError, OSError, ValueError) as exc:
         record.kind, record.error = kinds.CLIENT, f"{type(exc).__name__}: {exc}"
     finally:
         _complete(record, state, start)
     return "".join(state.texts)
+
+
+class _IdleCutoff:
+    """Cancels the request's task when nothing has been received for `limit_s`: one timer per request, moved
+    on lazily, rather than a timeout armed and disarmed at every read."""
+
+    __slots__ = ("_handle", "_limit_s", "_task", "cut", "last_read")
+
+    def __init__(self, limit_s: float) -> None:
+        self._limit_s = limit_s
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[object] | None = None
+        self.last_read = time.perf_counter()
+        self.cut = False
+
+    def __enter__(self) -> None:
+        self._task = asyncio.current_task()
+        self.last_read = time.perf_counter()
+        self._handle = asyncio.get_running_loop().call_later(self._limit_s, self._check)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+        if self.cut and self._task is not None:
+            self._task.uncancel()
+
+    def _check(self) -> None:
+        idle_s = time.perf_counter() - self.last_read
+        if idle_s < self._limit_s:
+            self._handle = asyncio.get_running_loop().call_later(self._limit_s - idle_s, self._check)
+            return
+        self._handle = None
+        self.cut = True
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _complete(record: RequestRecord, state: _StreamState, start: float) -> None:
