@@ -9,15 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway.workerconnection import (
-    WorkerBadResponse,
-    WorkerBodyCut,
-    WorkerConnectionError,
-    WorkerConnectTimeout,
-    WorkerHungUp,
-    WorkerReadTimeout,
-    WorkerUnreachable,
-)
+from gateway import workerconnection as wire
 from loadtest import records as kinds
 from loadtest.records import RequestRecord, RequestSpec
 from loadtest.wire_client import StreamClient
@@ -189,13 +181,13 @@ async def send_request(
             record.kind, record.error = kinds.CANCELLED, "cancelled at the end of the run"
             raise
         record.kind, record.error = kinds.TIMEOUT, f"nothing received for {options.read_timeout_s:g}s"
-    except (TimeoutError, WorkerReadTimeout) as exc:
+    except (TimeoutError, wire.WorkerReadTimeout) as exc:
         record.kind, record.error = kinds.TIMEOUT, f"{type(exc).__name__}: {exc}"
-    except (WorkerUnreachable, WorkerConnectTimeout) as exc:
+    except (wire.WorkerUnreachable, wire.WorkerConnectTimeout) as exc:
         record.kind, record.error = kinds.CONNECT, str(exc)
-    except (WorkerHungUp, WorkerBodyCut, ConnectionError) as exc:
+    except (wire.WorkerHungUp, wire.WorkerBodyCut, ConnectionError) as exc:
         record.kind, record.error = kinds.RESET, f"{type(exc).__name__}: {exc}"
-    except (WorkerBadResponse, WorkerConnectionError, OSError, ValueError) as exc:
+    except (wire.WorkerBadResponse, wire.WorkerConnectionError, OSError, ValueError) as exc:
         record.kind, record.error = kinds.CLIENT, f"{type(exc).__name__}: {exc}"
     finally:
         _complete(record, state, start)

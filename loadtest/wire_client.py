@@ -17,13 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from gateway.workerconnection import (
-    WorkerConnection,
-    WorkerConnectionError,
-    WorkerConnectTimeout,
-    WorkerHungUp,
-    WorkerUnreachable,
-)
+from gateway.workerconnection import WorkerConnection, WorkerConnectTimeout, WorkerHungUp, WorkerUnreachable
 
 # Servers drop idle keep-alive connections (uvicorn after 5 s); one reused at that moment fails a POST.
 IDLE_EXPIRY_S = 4.0
@@ -154,5 +148,3 @@ async def _read_whole(connection: WorkerConnection) -> bytes:
         chunks.append(chunk)
     return b"".join(chunks)
 
-
-__all__ = ["Answer", "Endpoint", "StreamClient", "WorkerConnectionError"]
