@@ -12,6 +12,7 @@ event, and the timestamp is taken as the bytes are handed over rather than a loo
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,19 +33,22 @@ class Endpoint:
     host: str
     port: int
     head: bytes
+    tls: bool = False
 
     @classmethod
     def of(cls, url: str, headers: tuple[tuple[str, str], ...]) -> Endpoint:
         parts = urlsplit(url)
-        if parts.scheme.lower() != "http" or not parts.hostname:
-            raise ValueError(f"the load generator speaks plain HTTP to loopback targets, not {url}")
-        host, port = parts.hostname, parts.port or 80
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url}")
+        tls = scheme == "https"
+        host, port = parts.hostname, parts.port or (443 if tls else 80)
         netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port is not None else "")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         lines = [f"POST {target} HTTP/1.1", f"host: {netloc}", "content-type: application/json",
                  "accept: text/event-stream", "accept-encoding: identity",
                  *(f"{name}: {value}" for name, value in headers if name.lower() not in _SET_HERE)]
-        return cls(host, port, ("\r\n".join(lines) + "\r\n").encode("latin-1"))
+        return cls(host, port, ("\r\n".join(lines) + "\r\n").encode("latin-1"), tls)
 
 
 @dataclass(slots=True)
@@ -60,6 +64,8 @@ class StreamClient:
 
     def __init__(self, url: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self._endpoint = Endpoint.of(url, headers)
+        # Built once: loading the CA store per connection would read it from disk every time.
+        self._tls = ssl.create_default_context() if self._endpoint.tls else None
         self._idle: list[WorkerConnection] = []
         self._open: set[WorkerConnection] = set()
 
@@ -109,7 +115,7 @@ class StreamClient:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 _, connection = await loop.create_connection(lambda: WorkerConnection(loop), endpoint.host,
-                                                             endpoint.port)
+                                                             endpoint.port, ssl=self._tls)
         except TimeoutError:
             raise WorkerConnectTimeout(f"no connection to {endpoint.host}:{endpoint.port} "
                                        f"in {CONNECT_TIMEOUT_S:g}s") from None

@@ -72,8 +72,10 @@ def test_the_request_head_carries_the_options_headers_once_and_the_session() -> 
     assert head.startswith("POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\n")
     assert "Authorization: Bearer k\r\n" in head
     assert head.lower().count("content-type") == 1
-    with pytest.raises(ValueError, match="plain HTTP"):
-        Endpoint.of("https://127.0.0.1/v1/completions", ())
+    secure = Endpoint.of("https://example.test/v1/completions", ())
+    assert (secure.tls, secure.port) == (True, 443) and not endpoint.tls
+    with pytest.raises(ValueError, match="not an http"):
+        Endpoint.of("ftp://127.0.0.1/v1/completions", ())
 
 
 def test_a_reused_connection_the_server_dropped_is_replaced_and_the_request_succeeds() -> None:
