@@ -92,36 +92,17 @@ class WireWorkerClient:
 
     async def _connection(self, origin: Origin) -> WorkerConnection:
         idle = self._idle.get(origin)
-        if idle:
-            now = asyncio.get_running_loop().time()
-            while idle:
-                connection = idle.pop()  # the most recent: the least likely to be closed by the worker
-                connection.on_lost = None
-                if not connection.closed and now - connection.idle_since < KEEPALIVE_EXPIRY_S:
-                    connection.reset()
-                    return connection
-                connection.close()
-        return await self._connect(origin)
-
-    async def _connect(self, origin: Origin) -> WorkerConnection:
+        connection = take_idle(idle) if idle else None
+        if connection is not None:
+            return connection
         scheme, host, port = origin
-        loop = asyncio.get_running_loop()
         context = None
         if scheme == "https":
             if self._ssl_context is None:
                 # Built once: loading the CA store per connection would read it from disk every time.
                 self._ssl_context = ssl.create_default_context()
             context = self._ssl_context
-        try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                _, connection = await loop.create_connection(
-                    lambda: WorkerConnection(loop), host, port, ssl=context,
-                )
-        except TimeoutError:
-            raise WorkerConnectTimeout(f"could not connect to {host}:{port} in {self._connect_timeout_s:g}s") from None
-        except OSError as exc:
-            raise WorkerUnreachable(f"{host}:{port}: {exc.strerror or exc}") from exc
-        return connection
+        return await connect(host, port, context, self._connect_timeout_s)
 
     def _put_back(self, origin: Origin, connection: WorkerConnection) -> None:
         if self._closed or not connection.reusable:
@@ -155,19 +136,62 @@ class _Release:
             client._slots.release()
 
 
+@dataclass(frozen=True, slots=True)
+class HttpUrl:
+    """An http(s) URL split as a request needs it: where to connect, the host header, the request target."""
+
+    scheme: str
+    host: str
+    port: int
+    netloc: str
+    target: str
+
+    @classmethod
+    def parse(cls, url: str) -> HttpUrl | None:
+        """None for anything but an http(s) URL with a host."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            return None
+        host = parts.hostname
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port is not None else "")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(scheme, host, parts.port or (443 if scheme == "https" else 80), netloc, target)
+
+
 def build_target(worker_url: str, path: str) -> Target:
-    parts = urlsplit(worker_url + path)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
+    url = HttpUrl.parse(worker_url + path)
+    if url is None:
         raise WorkerUnreachable(f"not an http(s) worker address: {worker_url}")
-    port = parts.port or (443 if scheme == "https" else 80)
-    host = parts.hostname
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    request_target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     head = (
-        f"POST {request_target} HTTP/1.1\r\nhost: {netloc}\r\ncontent-type: application/json\r\n"
+        f"POST {url.target} HTTP/1.1\r\nhost: {url.netloc}\r\ncontent-type: application/json\r\n"
         "accept-encoding: identity\r\nx-request-id: "
     ).encode("latin-1")
-    return Target((scheme, host, port), head)
+    return Target((url.scheme, url.host, url.port), head)
+
+
+def take_idle(idle: list[WorkerConnection]) -> WorkerConnection | None:
+    """The most recently idled connection still fit to reuse (the least likely to have been closed by the
+    server), ready for a request; the stale ones passed over are closed."""
+    now = asyncio.get_running_loop().time()
+    while idle:
+        connection = idle.pop()
+        connection.on_lost = None
+        if not connection.closed and now - connection.idle_since < KEEPALIVE_EXPIRY_S:
+            connection.reset()
+            return connection
+        connection.close()
+    return None
+
+
+async def connect(host: str, port: int, ssl_context: ssl.SSLContext | None, timeout_s: float) -> WorkerConnection:
+    """A new connection, its failures as WorkerConnectTimeout or WorkerUnreachable."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, connection = await loop.create_connection(lambda: WorkerConnection(loop), host, port, ssl=ssl_context)
+    except TimeoutError:
+        raise WorkerConnectTimeout(f"could not connect to {host}:{port} in {timeout_s:g}s") from None
+    except OSError as exc:
+        raise WorkerUnreachable(f"{host}:{port}: {exc.strerror or exc}") from exc
+    return connection

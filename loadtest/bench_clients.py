@@ -62,9 +62,10 @@ async def _wire(url: str, body: bytes, streams: int) -> int:
         async def one() -> int:
             events = 0
 
-            def take(data: bytes) -> None:
+            def take(data: bytes) -> bool:
                 nonlocal events
                 events += data.count(b"\n\n")
+                return True
 
             await client.post(body, take)
             return events

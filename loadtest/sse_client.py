@@ -160,10 +160,11 @@ async def send_request(
     state = _StreamState(record, start, options.chat, want_text)
     idle = _IdleCutoff(options.read_timeout_s)
 
-    def take(data: bytes) -> None:
+    def take(data: bytes) -> bool:
         now = time.perf_counter()
         idle.last_read = now
         state.feed(data, now)
+        return True
 
     try:
         with idle:
@@ -181,13 +182,13 @@ async def send_request(
             record.kind, record.error = kinds.CANCELLED, "cancelled at the end of the run"
             raise
         record.kind, record.error = kinds.TIMEOUT, f"nothing received for {options.read_timeout_s:g}s"
-    except (TimeoutError, wire.WorkerReadTimeout) as exc:
+    except TimeoutError as exc:
         record.kind, record.error = kinds.TIMEOUT, f"{type(exc).__name__}: {exc}"
     except (wire.WorkerUnreachable, wire.WorkerConnectTimeout) as exc:
         record.kind, record.error = kinds.CONNECT, str(exc)
     except (wire.WorkerHungUp, wire.WorkerBodyCut, ConnectionError) as exc:
         record.kind, record.error = kinds.RESET, f"{type(exc).__name__}: {exc}"
-    except (wire.WorkerBadResponse, wire.WorkerConnectionError, OSError, ValueError) as exc:
+    except (wire.WorkerConnectionError, OSError, ValueError) as exc:
         record.kind, record.error = kinds.CLIENT, f"{type(exc).__name__}: {exc}"
     finally:
         _complete(record, state, start)
@@ -204,7 +205,7 @@ class _IdleCutoff:
         self._limit_s = limit_s
         self._handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[object] | None = None
-        self.last_read = time.perf_counter()
+        self.last_read = 0.0  # set on entering
         self.cut = False
 
     def __enter__(self) -> None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,52 +14,23 @@ from loadtest.runner import LoadConfig, run_scenario
 from loadtest.sse_client import ClientOptions, send_request
 from loadtest.wire_client import Endpoint, StreamClient
 from loadtest.workloads import RandomPrompts
+from tests.unit.wirefakes import STREAM_HEAD, Handler, chunk, read_request, serving
 
-SSE_ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-              b"%x\r\n%b\r\n0\r\n\r\n")
 EVENT = b'data: {"choices":[{"index":0,"text":"x"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
 
 
-@contextlib.contextmanager
-def raw_server() -> Iterator[tuple[str, list[bytes]]]:
-    """A loopback server that answers a connection's first request with one SSE event and closes it on reading
-    the second, unanswered: a keep-alive connection that the server dropped as the client reused it."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    heads: list[bytes] = []
-    stop = threading.Event()
+def answer_once_then_drop(heads: list[bytes]) -> Handler:
+    """Answers a connection's first request with one SSE event and closes it on reading the second, unanswered:
+    a keep-alive connection that the server dropped as the client reused it."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        heads.append(head)
+        writer.write(STREAM_HEAD + chunk(EVENT) + b"0\r\n\r\n")
+        await writer.drain()
+        head, _ = await read_request(reader)
+        heads.append(head)
 
-    def serve() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                connection, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with connection:
-                for answered in (True, False):
-                    data = b""
-                    while b"\r\n\r\n" not in data and (received := connection.recv(65536)):
-                        data += received
-                    if b"\r\n\r\n" not in data:
-                        break  # the client closed the connection
-                    head, _, body = data.partition(b"\r\n\r\n")
-                    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                      if line.lower().startswith(b"content-length")))
-                    while len(body) < length:
-                        body += connection.recv(65536)
-                    heads.append(head)
-                    if not answered:
-                        break
-                    connection.sendall(SSE_ANSWER % (len(EVENT), EVENT))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1/completions", heads
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+    return handle
 
 
 def test_the_request_head_carries_the_options_headers_once_and_the_session() -> None:
@@ -79,20 +47,23 @@ def test_the_request_head_carries_the_options_headers_once_and_the_session() -> 
 
 
 def test_a_reused_connection_the_server_dropped_is_replaced_and_the_request_succeeds() -> None:
-    async def two_requests(url: str) -> list[RequestRecord]:
-        options = ClientOptions(url=url, model="m", chat=False)
-        client = StreamClient(url)
-        records = [RequestRecord(index=i) for i in range(2)]
-        try:
-            for record in records:
-                await send_request(client, options, RequestSpec(prompt="hi", max_tokens=1, session="u-1"), record,
-                                   run_start=0.0)
-        finally:
-            await client.aclose()
+    heads: list[bytes] = []
+
+    async def two_requests() -> list[RequestRecord]:
+        async with serving(answer_once_then_drop(heads)) as worker:
+            url = worker.url + "/v1/completions"
+            options = ClientOptions(url=url, model="m", chat=False)
+            client = StreamClient(url)
+            records = [RequestRecord(index=i) for i in range(2)]
+            try:
+                for record in records:
+                    await send_request(client, options, RequestSpec(prompt="hi", max_tokens=1, session="u-1"),
+                                       record, run_start=0.0)
+            finally:
+                await client.aclose()
         return records
 
-    with raw_server() as (url, heads):
-        records = asyncio.run(two_requests(url))
+    records = asyncio.run(two_requests())
     assert [r.kind for r in records] == ["ok", "ok"]
     assert [r.output_tokens for r in records] == [1, 1]
     # The second request went out twice: on the dropped connection, then on a new one.
