@@ -1,8 +1,14 @@
-"""Admit stage: bounded concurrency with a bounded, timed queue; overflow is a 429 with Retry-After."""
+"""Admit stage: bounded concurrency with a bounded, timed queue; overflow is a 429 with Retry-After.
+
+A slot is only ever taken by `Admission.acquire()`, and what it returns, a `Ticket`, gives it back exactly once
+however the request ends. `stalled()` says whether the gateway can admit at all: every slot taken and none
+given back for a while (the readiness probe reports it).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from gateway.errors import Overloaded
 
@@ -16,24 +22,33 @@ class Ticket:
         self._admission = admission
         self._released = False
 
+    @property
+    def released(self) -> bool:
+        return self._released
+
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._admission._semaphore.release()
+            self._admission._give_back()
 
 
 class Admission:
-    def __init__(self, max_concurrency: int, max_queue: int, queue_timeout_s: float, retry_after_s: int) -> None:
+    def __init__(self, max_concurrency: int, max_queue: int, queue_timeout_s: float, retry_after_s: int,
+                 clock: Callable[[], float]) -> None:
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._max_queue = max_queue
         self._queue_timeout_s = queue_timeout_s
         self._retry_after_s = retry_after_s
+        self._clock = clock
+        self.max_concurrency = max_concurrency
         self.waiting = 0
+        self.held = 0
+        self._last_release_at = clock()
 
     async def acquire(self) -> Ticket:
         if not self._semaphore.locked():
             await self._semaphore.acquire()
-            return Ticket(self)
+            return self._issued()
         if self.waiting >= self._max_queue:
             raise Overloaded("gateway queue is full; retry later", retry_after_s=self._retry_after_s)
         self.waiting += 1
@@ -45,4 +60,17 @@ class Admission:
             ) from None
         finally:
             self.waiting -= 1
+        return self._issued()
+
+    def _issued(self) -> Ticket:
+        self.held += 1
         return Ticket(self)
+
+    def _give_back(self) -> None:
+        self.held -= 1
+        self._last_release_at = self._clock()
+        self._semaphore.release()
+
+    def stalled(self, for_s: float) -> bool:
+        """Every slot is taken and none has been given back for `for_s`: a new request could only wait."""
+        return self.held >= self.max_concurrency and self._clock() - self._last_release_at >= for_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
@@ -11,8 +12,10 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from prometheus_client import Gauge
 from starlette.types import Scope
 
+from gateway.admission import Ticket
 from gateway.cutoff import DeadlinePassed, WaitGuard
 from gateway.disconnect import ClientWatch
 from gateway.errors import (
@@ -31,10 +34,12 @@ from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.relay import DISCONNECTED_STATUS, Relay, UsageFilter
 from gateway.services import Services, get_services, services_of
 
+logger = logging.getLogger("specgate.api")
 router = APIRouter()
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 UNVALIDATED_MODEL = "unknown"
+UNEXPECTED_STATUS = "500"
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -70,6 +75,9 @@ async def health() -> Response:
 async def ready(services: ServicesDep) -> Response:
     if services.drainer.draining:
         return _json({"status": "shutting down"}, status=503)
+    if services.admission.stalled(services.settings.queue_timeout_s):
+        return _json({"status": "admission saturated: every slot taken, none given back for "
+                      f"{services.settings.queue_timeout_s:g}s"}, status=503)
     if services.pool.any_ready():
         return _json({"status": "ready"})
     return _json({"status": "no worker ready"}, status=503)
@@ -102,7 +110,7 @@ async def forward(request: Request, services: Services, kind: Kind, path: str) -
         if services.drainer.draining:
             raise ShuttingDown(retry_after_s=1)
         call = await _validated_call(request, services, kind)
-    except (GatewayError, ClientDisconnected) as exc:
+    except BaseException as exc:
         _finish_early(services, record, exc)
         _account(services, record)
         raise
@@ -110,40 +118,59 @@ async def forward(request: Request, services: Services, kind: Kind, path: str) -
     # From here to the end of the response, the client leaving cancels whatever the request waits on.
     watch = ClientWatch(request.receive)
     watch.start()
-    streaming = False
+    held: Held | None = None
+    handed_over = False
     try:
         try:
             with watch.guard():
                 ticket = await services.admission.acquire()
-        except (GatewayError, ClientDisconnected) as exc:
+        except BaseException:
             # A wait that ended in a 429 or a client gone is a wait too: under overload, the ones that matter.
             record.queue_left_at = services.clock()
-            _finish_early(services, record, exc)
-            _account(services, record)
             raise
         record.queue_left_at = services.clock()
-        in_flight = services.metrics.child(services.metrics.in_flight, call.model)
+        held = Held(ticket, services.metrics.child(services.metrics.in_flight, call.model),
+                    functools.partial(_account, services))
+        with watch.guard():
+            if call.stream:
+                response = await _stream(services, call, record, path, held.close, watch, request.scope)
+                handed_over = True  # the response owns the slot now: it closes it, and the watch, when it ends
+                return response
+            return await _complete(services, call, record, path, held.close)
+    except BaseException as exc:
+        _finish_early(services, record, exc)
+        raise
+    finally:
+        # The one place a request's slot is given back when no response took it over: every exception on
+        # every path above passes here.
+        if not handed_over:
+            if held is not None:
+                held.close(record)
+            else:
+                _account(services, record)
+            await watch.stop()
+
+
+class Held:
+    """What an admitted request holds (its slot, its in-flight count) and its accounting, given back and done
+    exactly once, however the request ends."""
+
+    __slots__ = ("_account", "_closed", "_in_flight", "_ticket")
+
+    def __init__(self, ticket: Ticket, in_flight: Gauge, account: Callable[[RequestRecord], None]) -> None:
+        self._ticket = ticket
+        self._in_flight = in_flight
+        self._account = account
+        self._closed = False
         in_flight.inc()
 
-        def on_finish(done: RequestRecord) -> None:
-            ticket.release()
-            in_flight.dec()
-            _account(services, done)
-
-        try:
-            with watch.guard():
-                if call.stream:
-                    response = await _stream(services, call, record, path, on_finish, watch, request.scope)
-                    streaming = True  # the response watches on and stops the watch
-                    return response
-                return await _complete(services, call, record, path, on_finish)
-        except (GatewayError, ClientDisconnected) as exc:
-            _finish_early(services, record, exc)
-            on_finish(record)
-            raise
-    finally:
-        if not streaming:
-            await watch.stop()
+    def close(self, record: RequestRecord) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ticket.release()
+        self._in_flight.dec()
+        self._account(record)
 
 
 async def _validated_call(request: Request, services: Services, kind: Kind) -> OpenAICall:
@@ -156,7 +183,8 @@ async def _validated_call(request: Request, services: Services, kind: Kind) -> O
         raw += chunk
         if len(raw) > limit:
             raise RequestTooLarge(f"request body is larger than {limit} bytes")
-    call = validate_call(kind, parse_json_body(raw), request.headers.get(services.settings.session_header))
+    body = parse_json_body(raw, services.settings.max_json_depth)
+    call = validate_call(kind, body, request.headers.get(services.settings.session_header))
     if not services.pool.knows_model(call.model):
         raise ModelNotFound(f"The model '{call.model}' does not exist", param="model")
     return call
@@ -204,8 +232,15 @@ async def _stream(
     worker, opened = await _routed(
         services, call, record, path, functools.partial(services.upstream.open_stream, opening=opening)
     )
-    services.drainer.track(opened)
-    relay.attach(opened)
+    try:
+        services.drainer.track(opened)
+        relay.attach(opened)
+    except BaseException:
+        # Nothing will run the response: what the stream holds is given back here (the slot, by `forward`).
+        services.drainer.untrack(opened)
+        services.pool.finished(worker)
+        await opened.aclose()
+        raise
     return response
 
 
@@ -247,15 +282,22 @@ async def _complete(
 
 
 def _account(services: Services, record: RequestRecord) -> None:
-    services.metrics.record(record)
-    if services.settings.request_log:
-        services.metrics.log(record)
+    # A fault in accounting must not turn an answer into a 5xx nor keep what the request held.
+    try:
+        services.metrics.record(record)
+        if services.settings.request_log:
+            services.metrics.log(record)
+    except Exception:
+        logger.exception("request %s: recording it failed", record.request_id)
 
 
 def _finish_early(services: Services, record: RequestRecord, exc: BaseException) -> None:
-    record.finished_at = services.clock()
-    if isinstance(exc, ClientDisconnected):
+    if record.finished_at is None:
+        record.finished_at = services.clock()
+    if isinstance(exc, (ClientDisconnected, asyncio.CancelledError)):
         record.disconnected = True
         record.status = DISCONNECTED_STATUS
     elif isinstance(exc, GatewayError):
         record.status = exc.metric_status
+    else:
+        record.status = UNEXPECTED_STATUS

@@ -86,7 +86,7 @@ def create_app(
             await pool.start()
             drainer.bind(asyncio.get_running_loop())
             admission = Admission(
-                settings.max_concurrency, settings.max_queue, settings.queue_timeout_s, settings.retry_after_s
+                settings.max_concurrency, settings.max_queue, settings.queue_timeout_s, settings.retry_after_s, clock
             )
             metrics.queued.set_function(lambda: admission.waiting)
             app.state.services = Services(
@@ -154,10 +154,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    logger.exception("unexpected error on %s", request.url.path)
+    request_id = request.scope.get("state", {}).get("request_id")
+    logger.exception("request %s: unexpected error on %s", request_id, request.url.path)
     response = error_response(GatewayError("internal gateway error"))
     # Off the forwarding routes Starlette answers from outside the user middleware, which stamps the id.
-    request_id = request.scope.get("state", {}).get("request_id")
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER.decode()] = request_id
     return response

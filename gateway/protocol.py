@@ -166,7 +166,9 @@ class OpenAICall:
         return orjson.dumps(body)
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
+def parse_json_body(raw: bytes, max_depth: int) -> dict[str, Any]:
+    """The request's JSON object; a 400 for anything else, or for nesting deeper than `max_depth` (the body is
+    written again for the worker, and a serializer's own depth limit must never be what refuses it)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -177,7 +179,25 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    if _deeper_than(body, max_depth):
+        raise InvalidRequest(f"request body is nested deeper than {max_depth} levels", code="nesting_too_deep")
     return body
+
+
+def _deeper_than(body: dict[str, Any], max_depth: int) -> bool:
+    """Whether containers nest deeper than `max_depth`, the top-level object being level 1: one level at a time,
+    so a long flat list (token ids) costs one pass of a comprehension."""
+    level: list[Any] = [body]
+    for _ in range(max_depth):
+        level = [
+            child
+            for container in level
+            for child in (container.values() if type(container) is dict else container)
+            if type(child) is dict or type(child) is list
+        ]
+        if not level:
+            return False
+    return True
 
 
 def validate_call(kind: Kind, body: dict[str, Any], session_header: str | None = None) -> OpenAICall:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ from gateway.metrics import RequestRecord, token_count
 from gateway.sse import SEPARATOR, Event, EventSplitter, UsageTail, encode_data, usage_tail
 from gateway.upstream import TRANSPORT_ERRORS, OpenStream
 from gateway.workerhttp import Sink
+
+logger = logging.getLogger("specgate.relay")
 
 DONE_EVENT = b"data: [DONE]\n\n"
 DISCONNECTED_STATUS = "499"
@@ -207,6 +210,12 @@ class Relay:
             record.status = exc.metric_status
             finished = self.final = True
             yield exc.sse_event()
+        except Exception:
+            # A fault of the gateway's own after bytes went out: the client still gets a well-formed ending.
+            logger.exception("request %s: the relay failed", record.request_id)
+            record.status = "500"
+            finished = self.final = True
+            yield GatewayError("internal gateway error").sse_event()
         except (asyncio.CancelledError, GeneratorExit):
             record.disconnected = True
             record.status = DISCONNECTED_STATUS

@@ -62,6 +62,8 @@ class GatewaySettings(BaseSettings):
     retry_backoff_s: float = Field(0.05, ge=0)
 
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # orjson writes at most 254 levels; the worker's body is written again by the gateway.
+    max_json_depth: int = Field(64, ge=2, le=200, description="Deepest nesting a request body may have")
     sse_ping_interval_s: float = Field(15.0, gt=0)
     sse_send_timeout_s: float = Field(60.0, gt=0, description="A reader that takes no bytes this long is cut")
 
