@@ -12,7 +12,16 @@ from fastapi import FastAPI
 
 from gateway import relay as relay_module
 from gateway.services import Services
-from tests.unit.fakes import CHAT, MODEL, STREAM, ScriptedWorker, gateway_client, mock_transport, settings_for, vllm_stream
+from tests.unit.fakes import (
+    CHAT,
+    MODEL,
+    STREAM,
+    ScriptedWorker,
+    gateway_client,
+    mock_transport,
+    settings_for,
+    vllm_stream,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -93,14 +102,18 @@ async def _araise(*args: object, **kwargs: object) -> Any:
     raise RuntimeError("injected fault")
 
 
+def _patch_all(patch: pytest.MonkeyPatch, target: object, names: tuple[str, ...], fault: object) -> None:
+    for name in names:
+        patch.setattr(target, name, fault)
+
+
 # Each stage of the request path made to raise something the gateway does not expect.
 STAGE_FAULTS: dict[str, Callable[[Services, pytest.MonkeyPatch], None]] = {
     "validate": lambda s, mp: mp.setattr(s.pool, "knows_model", _raise),
     "admit": lambda s, mp: mp.setattr(s.admission, "acquire", _araise),
     "route": lambda s, mp: mp.setattr(s.dispatcher, "policy_for", _raise),
     "dispatch": lambda s, mp: mp.setattr(s.pool, "started", _raise),
-    "upstream": lambda s, mp: (mp.setattr(s.upstream, "open_stream", _araise),
-                               mp.setattr(s.upstream, "complete", _araise)) and None,
+    "upstream": lambda s, mp: _patch_all(mp, s.upstream, ("open_stream", "complete"), _araise),
     "drain": lambda s, mp: mp.setattr(s.drainer, "track", _raise),
 }
 
