@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.admission import Admission
 from gateway.api import FORWARDING_ROUTES, router
@@ -42,13 +42,16 @@ class GatewayApp(FastAPI):
     """FastAPI, with the server's own `send` kept in the scope for response bodies (gateway/eventstream.py), and
     POSTs to the forwarding routes served off Starlette's routing and exception middleware (gateway/hotroutes.py)."""
 
-    def __init__(self, hot_routes: Mapping[str, Endpoint], **kwargs: Any) -> None:
+    def __init__(self, hot_routes: Mapping[str, Endpoint], drainer: Drainer, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._drainer = drainer
         self._hot_routes = HotRoutes(hot_routes, self.exception_handlers)
         self._hot_stack: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[TRANSPORT_SEND] = send
+        if self._drainer.draining and scope["type"] == "http":
+            send = _closing_connection(send)
         try:
             if self._hot_routes.serves(scope):
                 scope["app"] = self
@@ -63,13 +66,24 @@ class GatewayApp(FastAPI):
             del scope[TRANSPORT_SEND]
 
 
+def _closing_connection(send: Send) -> Send:
+    """`send` with `connection: close` on the response's head: during a drain, keep-alive clients move on."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+        await send(message)
+
+    return closing
+
+
 def create_app(
     settings: GatewaySettings,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> FastAPI:
     """The gateway as an ASGI app; `transport` replaces the network to workers (tests)."""
-    drainer = Drainer(settings.shutdown_grace_s)
+    drainer = Drainer(settings.shutdown_grace_s, settings.shutdown_notice_s)
     timing = PoolTiming(
         health_interval_s=settings.health_interval_s,
         health_timeout_s=settings.health_timeout_s,
@@ -112,7 +126,7 @@ def create_app(
                     await health
 
     app = GatewayApp(
-        FORWARDING_ROUTES, title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        FORWARDING_ROUTES, drainer, title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.drainer = drainer
     app.include_router(router)

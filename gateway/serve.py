@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import queue
+import signal
 import socket
 from collections.abc import Iterator
 from logging.handlers import QueueHandler, QueueListener
@@ -39,6 +40,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drainer: Drainer) -> None:
         super().__init__(config)
         self._drainer = drainer
+        self._stop_asked = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -55,8 +57,19 @@ class DrainingServer(uvicorn.Server):
         gc.set_threshold(YOUNG_COLLECTION_AFTER, gc.get_threshold()[1], FULL_COLLECTION_AFTER)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._drainer.begin()
-        super().handle_exit(sig, frame)
+        # The signal is not kept for uvicorn to raise again after its shutdown: a drained gateway exits 0.
+        if self._stop_asked or not self._drainer.bound:
+            # A second signal stops the server now (a second Ctrl-C without waiting for connections).
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._stop_asked = True
+        # The server keeps accepting and answering (503s, `connection: close`) until the drain is over.
+        self._drainer.begin(self._drained)
+
+    def _drained(self) -> None:
+        self.should_exit = True
 
 
 @contextlib.contextmanager

@@ -71,6 +71,9 @@ class GatewaySettings(BaseSettings):
         120.0, gt=0, description="No first event from a worker this long: retry elsewhere before any byte went out"
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long open streams may still run")
+    shutdown_notice_s: float = Field(
+        0.0, ge=0, description="On SIGTERM, answer /ready with 503 at least this long before exiting (load balancers)"
+    )
 
     health_interval_s: float = Field(2.0, gt=0)
     health_timeout_s: float = Field(5.0, gt=0)
