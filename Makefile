@@ -41,11 +41,11 @@ models: install
 	$(BIN)/specgate models build
 
 lint: install
-	$(BIN)/ruff check gateway engine loadtest tests deploy
+	$(BIN)/ruff check gateway engine loadtest benchmarks tests deploy
 	$(BIN)/mypy
 
 bench: install models
-	$(BIN)/python -m loadtest.bench_direct_vs_gateway
+	$(BIN)/python -m benchmarks.bench_direct_vs_gateway
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 """The floor of a Python relay: a measurement aid for the side-by-side benchmark (target `bare-relay`), not a
 product path.
 
-    python -m loadtest.bare_relay --workers http://127.0.0.1:8000 --port 8930
+    python -m benchmarks.bare_relay --workers http://127.0.0.1:8000 --port 8930
 
 uvloop, one asyncio Protocol per client connection parsing with httptools (the parser uvicorn serves with),
 and the gateway's own worker client (gateway/workerwire.py). Each POST goes to the one worker with its path

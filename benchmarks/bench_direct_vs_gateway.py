@@ -1,9 +1,9 @@
 """Benchmark: `vllm bench serve` against a worker directly and through the gateway, in one run.
 
-    python -m loadtest.bench_direct_vs_gateway --profile cpu-demo --num-prompts 200 --concurrency 32
+    python -m benchmarks.bench_direct_vs_gateway --profile cpu-demo --num-prompts 200 --concurrency 32
 
 Starts one worker (bound to core 0) and the gateway as its own process (core 1), runs the same load
-alternately direct and through the gateway, and writes a side-by-side table to loadtest/results/.
+alternately direct and through the gateway, and writes a side-by-side table to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.bench_measure import host_steal, steal_share_since
+from benchmarks.harness import RESULTS, gateway, run_vllm_bench, worker
 from engine.models import default_models_dir
-from loadtest.bench_measure import host_steal, steal_share_since
-from loadtest.harness import RESULTS, gateway, run_vllm_bench, worker
 
 ROWS = [
     ("completed", "completed", "{:.0f}"),
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs.append(run_vllm_bench(url, bench_args, workdir / f"{label}-{round_index}.json", 1))
     steal = steal_share_since(steal_before)
     table = side_by_side(mean_of(direct_runs), mean_of(gateway_runs), ("direct to vLLM", "through specgate"))
-    command = "python -m loadtest.bench_direct_vs_gateway " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.bench_direct_vs_gateway " + " ".join(sys.argv[1:] if argv is None else argv)
     report = (
         f"# vllm bench serve: direct vs through specgate\n\n"
         f"Command: `{command.strip()}`\n\n"

@@ -1,6 +1,6 @@
 """Benchmark of the fake engine itself: SSE events/s it emits on one core to a direct client on the other.
 
-    .venv/bin/python -m loadtest.bench_fake_engine --gap-ms 10 --levels 100,300,600 --seconds 4
+    .venv/bin/python -m benchmarks.bench_fake_engine --gap-ms 10 --levels 100,300,600 --seconds 4
 
 The engine runs pinned to --engine-cpu, `specgate loadtest` pinned to --client-cpu. For each concurrency level
 the table shows the events/s delivered, both processes' CPU time per event and the engine's implied ceiling
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_measure import engine_counters
-from loadtest.bench_procs import children_cpu_seconds, free_port, pinned, process_cpu_seconds, wait_healthy
+from benchmarks.bench_measure import engine_counters
+from loadtest.procs import children_cpu_seconds, free_port, pinned, process_cpu_seconds, wait_healthy
 
 
 def measure(args: argparse.Namespace, gap_ms: float, concurrency: int, out_dir: Path) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def _cell(value: Any, digits: int = 1) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_fake_engine", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_fake_engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", default="100,300,600", help="concurrency levels")
     parser.add_argument("--gap-ms", type=float, default=10.0)
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not shutil.which("taskset"):
         print("taskset not found: processes will not be pinned", file=sys.stderr)
-    out_dir = args.result_dir or Path("loadtest/results") / time.strftime("fake-engine-capacity-%Y%m%d-%H%M%S")
+    out_dir = args.result_dir or Path("benchmarks/results") / time.strftime("fake-engine-capacity-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(args.gap_ms, int(level)) for level in args.levels.split(",")]
     if args.flat_out_concurrency:
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for gap_ms, concurrency in runs:
         print(f"gap {gap_ms:g} ms, {concurrency} streams", file=sys.stderr, flush=True)
         rows.append(measure(args, gap_ms, concurrency, out_dir))
-    command = " ".join(["python -m loadtest.bench_fake_engine", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.bench_fake_engine", *(argv if argv is not None else sys.argv[1:])])
     lines = ["# Fake engine capacity on one core", "", "```", command, "```", "",
              "| gap ms | streams | offered ev/s | delivered ev/s | engine CPU | engine µs/event | engine ceiling "
              "ev/s | client µs/event | TTFT p50 ms | ITL p50 ms | ITL p99 ms | errors |",

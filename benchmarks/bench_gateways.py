@@ -1,6 +1,6 @@
 """Side-by-side gateway benchmark: direct to a fake engine vs specgate, LiteLLM proxy and vllm-router.
 
-    flock /tmp/specgate-heavy.lock .venv/bin/python -m loadtest.bench_gateways --phases latency --levels 1,100
+    flock /tmp/specgate-heavy.lock .venv/bin/python -m benchmarks.bench_gateways --phases latency --levels 1,100
 
 Every gateway runs pinned to --gateway-cpu (one core each, alone there); the fake engine and this process (the
 load generator) share --client-cpu. Phases (each starts its own engine and targets, and writes
@@ -15,7 +15,7 @@ load generator) share --client-cpu. Phases (each starts its own engine and targe
 - capacity: gap --capacity-gap-ms, rising concurrency: highest events/s before TTFT p99 > 2x direct's;
 - idle: --idle-streams streams held open by an engine that stalls them: RSS before / open / after.
 
-Peers whose venv is missing (python -m loadtest.peers install) are skipped with a note. Targets may also be
+Peers whose venv is missing (python -m benchmarks.peers install) are skipped with a note. Targets may also be
 specgate upstream-client variants: specgate:httpx-default, specgate:httpx-tuned, specgate:httpx-aiohttp,
 specgate:aiohttp.
 """
@@ -35,10 +35,10 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench_measure import host_steal, request_duration_s, say, steal_share_since
-from loadtest.bench_phases import CapacityPlan, LatencyPlan, capacity_phase, idle_phase, latency_phase
-from loadtest.bench_procs import pin_self, raise_open_file_limit
-from loadtest.bench_targets import Target, engine_timing_args, missing_peer, start_engine, start_target
+from benchmarks.bench_measure import host_steal, request_duration_s, say, steal_share_since
+from benchmarks.bench_phases import CapacityPlan, LatencyPlan, capacity_phase, idle_phase, latency_phase
+from benchmarks.bench_targets import Target, engine_timing_args, missing_peer, start_engine, start_target
+from loadtest.procs import pin_self, raise_open_file_limit
 
 PHASES = ("latency", "burst", "chunks", "capacity", "idle")
 RESULTS = Path(__file__).parent / "results"
@@ -49,7 +49,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_gateways", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_gateways", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phases", default="latency,burst,chunks,capacity,idle")
     p.add_argument("--targets", default="direct,specgate,litellm,vllm-router")
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, command: str) -> list[Path]:
     for phase in [p.strip() for p in args.phases.split(",") if p.strip()]:
         say(f"phase {phase}")
         run_phase(phase, args, command)
-    from loadtest.bench_report import write_report
+    from benchmarks.bench_report import write_report
 
     return write_report(args.out_dir, args.report, title=args.title, plots=not args.no_plots)
 
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_self(args.client_cpu)  # the load generator shares the engine's core
     gc.collect()
     gc.freeze()  # startup objects never make a collection pause a stream's timing
-    paths = run(args, shlex.join(["python", "-m", "loadtest.bench_gateways", *argv]))
+    paths = run(args, shlex.join(["python", "-m", "benchmarks.bench_gateways", *argv]))
     print(args.report.read_text())
     say("wrote " + ", ".join(str(p) for p in paths))
     return 0

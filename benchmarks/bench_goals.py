@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loadtest.bench_phases import capacity_verdicts
+from benchmarks.bench_phases import capacity_verdicts
 
 PEERS = ("litellm", "vllm-router")
 EVENTS_GOAL = 12_000

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadtest.bench_targets import Target, rss_kib, tree_cpu_seconds
+from benchmarks.bench_targets import Target, rss_kib, tree_cpu_seconds
 from loadtest.fake_config import FakeEngineConfig
 from loadtest.records import RequestRecord
 from loadtest.runner import LoadConfig, run_scenario

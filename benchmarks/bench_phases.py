@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loadtest.bench_measure import Run, hold_streams, load_config, measure, say
-from loadtest.bench_targets import Target
+from benchmarks.bench_measure import Run, hold_streams, load_config, measure, say
+from benchmarks.bench_targets import Target
 from loadtest.runner import run_scenario
 
 

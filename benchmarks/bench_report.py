@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench_goals import goal_lines
-from loadtest.bench_phases import capacity_verdicts
+from benchmarks.bench_goals import goal_lines
+from benchmarks.bench_phases import capacity_verdicts
 
 PHASE_FILES = ("latency", "burst", "chunks", "capacity", "idle")
 
@@ -205,7 +205,7 @@ def write_report(out_dir: Path, report: Path, *, title: str, plots: bool = True)
     report.parent.mkdir(parents=True, exist_ok=True)
     pngs: list[Path] = []
     if plots:
-        from loadtest.bench_plots import plot_added_ttft, plot_capacity
+        from benchmarks.bench_plots import plot_added_ttft, plot_capacity
 
         if "latency" in phases:
             pngs.append(plot_added_ttft(phases["latency"]["rows"], report.with_name(report.stem + "-added-ttft.png")))

@@ -1,6 +1,6 @@
 """Benchmark: routing policies on real vLLM CPU workers with multi-round shared-prefix chat, in one run.
 
-    python -m loadtest.bench_routing --workers 2 --users 24 --turns 4
+    python -m benchmarks.bench_routing --workers 2 --users 24 --turns 4
 
 Two cpu-baseline workers (prefix caching on, one per core) stay up for the whole run; for each policy a
 gateway starts in front of them and the same conversation shape (a fresh system prompt per policy, so no
@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import RESULTS, gateway, scrape, worker_process
 from engine.config import find_profile
 from engine.launch import WorkerProcess
 from engine.supervisor import cpu_binding, cpu_threads
-from loadtest.harness import RESULTS, gateway, scrape, worker_process
 from loadtest.runner import LoadConfig, run_scenario
 from loadtest.workloads import SharedPrefixChat
 
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed, policy in enumerate(() if args.only_kill else POLICIES, start=1):
             rows.append(measure_policy(policy, workers, args, seed, workdir))
         killed = measure_policy("prefix_aware", workers, args, 99, workdir, kill_after_s=args.kill_after_s)
-    command = "python -m loadtest.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.bench_routing " + " ".join(sys.argv[1:] if argv is None else argv)
     report = render(rows, killed, args, command)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)

@@ -1,6 +1,6 @@
 """Benchmark: speculative decoding (cpu-demo) against none (cpu-baseline), through the gateway, in one run.
 
-    python -m loadtest.bench_speculation --concurrency 1 32
+    python -m benchmarks.bench_speculation --concurrency 1 32
 
 For each profile a worker starts on core 0 and the gateway on core 1; `vllm bench serve` sends greedy
 code-continuation prompts (Python test-suite sources, which the demo models were not trained on) through
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import RESULTS, gateway, run_vllm_bench, scrape, worker
 from engine.models import default_models_dir
-from loadtest.harness import RESULTS, gateway, run_vllm_bench, scrape, worker
 
 PROFILES = ("cpu-baseline", "cpu-demo")
 SPEC_COUNTERS = {
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = run_vllm_bench(gateway_url, bench_args, workdir / f"{profile}-{concurrency}.json", 1)
                 after = spec_counters(worker_url)
                 rows.append({"profile": profile, "concurrency": concurrency, **result, **acceptance(before, after)})
-    command = "python -m loadtest.bench_speculation " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.bench_speculation " + " ".join(sys.argv[1:] if argv is None else argv)
     report = render_report(rows, command)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)

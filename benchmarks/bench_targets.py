@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest import peers
-from loadtest.bench_procs import free_port, pinned
+from benchmarks import peers
+from loadtest.procs import free_port, pinned
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,11 @@ def _wait(url: str, process: subprocess.Popen[bytes], timeout_s: float, log: Pat
 
 @contextlib.contextmanager
 def run_process(name: str, argv: Sequence[str], health_url: str, cpu: str | None, log_dir: Path,
-                env: dict[str, str] | None = None, timeout_s: float = 90.0, cwd: Path | None = None) -> Iterator[int]:
+                env: dict[str, str] | None = None, timeout_s: float = 90.0) -> Iterator[int]:
     log = log_dir / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(pinned(cpu, list(argv)), stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
     try:
         _wait(health_url, process, timeout_s, log)
         yield process.pid
@@ -87,41 +87,24 @@ def start_engine(engine_args: Sequence[str], cpu: str | None, log_dir: Path) -> 
 
 
 @contextlib.contextmanager
-def start_instrumented_gateway(module: str, flags: Sequence[str], upstream: str, cpu: str | None, log_dir: Path,
-                               env: dict[str, str] | None = None) -> Iterator[str]:
-    """`python -m <module> <flags> --serve <specgate gateway flags>`: a measurement tool that runs the gateway
-    in its own child with instrumentation added (loop_probe, request_path); yields the gateway's URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", module, *flags, "--serve", "--workers", upstream, "--port", str(port),
-            "--log-level", "warning"]
-    with run_process(f"{module.rsplit('.', 1)[-1]}-gateway-{port}", argv, url + "/ready", cpu, log_dir, env):
-        yield url
-
-
-@contextlib.contextmanager
-def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str | None = None,
-                   source: Path | None = None) -> Iterator[Target]:
-    """specgate as users run it (`gateway.cli gateway`), or a `loadtest.gateway_variants` upstream-client variant;
-    `source` runs the gateway package of another checkout (an older commit's worktree, for A/B runs)."""
+def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str | None = None) -> Iterator[Target]:
+    """specgate as users run it (`gateway.cli gateway`), or a `benchmarks.gateway_variants` upstream-client variant."""
     port = free_port()
     if variant is None:
         argv = [sys.executable, "-m", "gateway.cli", "gateway", "--workers", upstream, "--port", str(port),
                 "--log-level", "warning"]
         name = "specgate"
     else:
-        from loadtest.gateway_variants import parse_variant
+        from benchmarks.gateway_variants import parse_variant
 
         parse_variant(variant)  # fail here, not in the child
-        argv = [sys.executable, "-m", "loadtest.gateway_variants", "--variant", variant, "--workers", upstream,
+        argv = [sys.executable, "-m", "benchmarks.gateway_variants", "--variant", variant, "--workers", upstream,
                 "--port", str(port)]
         name = f"specgate:{variant}"
     url = f"http://127.0.0.1:{port}"
     env = {"SPECGATE_REQUEST_LOG": "false"}
-    if source is not None:
-        env["PYTHONPATH"] = str(source)  # with the working directory there, `-m gateway.cli` imports its gateway
     label = f"{name.replace(':', '-').replace('+', '-')}-{port}"
-    with run_process(label, argv, url + "/ready", cpu, log_dir, env, cwd=source) as pid:
+    with run_process(label, argv, url + "/ready", cpu, log_dir, env) as pid:
         yield Target(name, url, pid)
 
 
@@ -146,10 +129,10 @@ def start_vllm_router(upstream: str, cpu: str | None, log_dir: Path) -> Iterator
 @contextlib.contextmanager
 def start_bare_relay(upstream: str, cpu: str | None, log_dir: Path) -> Iterator[Target]:
     port = free_port()
-    argv = [sys.executable, "-m", "loadtest.bare_relay", "--workers", upstream, "--port", str(port)]
+    argv = [sys.executable, "-m", "benchmarks.bare_relay", "--workers", upstream, "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with run_process(f"bare-relay-{port}", argv, url + "/health", cpu, log_dir) as pid:
-        yield Target("bare-relay", url, pid, note="bare-relay: the floor of a Python relay (loadtest/bare_relay.py)")
+        yield Target("bare-relay", url, pid, note="bare-relay: the floor of a Python relay (benchmarks/bare_relay.py)")
 
 
 def start_target(name: str, upstream: str, cpu: str | None, log_dir: Path) -> contextlib.AbstractContextManager[Target]:
@@ -170,7 +153,8 @@ def start_target(name: str, upstream: str, cpu: str | None, log_dir: Path) -> co
 def missing_peer(name: str, root: Path = peers.PEERS_DIR) -> str | None:
     """Why a peer target cannot run (its venv is missing), or None when it can."""
     if name in peers.NAMES and not peers.peer(name).available(root):
-        return f"{name} skipped: no venv at {peers.peer(name).venv_dir(root)} (python -m loadtest.peers install {name})"
+        venv = peers.peer(name).venv_dir(root)
+        return f"{name} skipped: no venv at {venv} (python -m benchmarks.peers install {name})"
     return None
 
 
@@ -187,7 +171,7 @@ def rss_kib(pid: int) -> int:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    from loadtest.bench_procs import process_cpu_seconds
+    from loadtest.procs import process_cpu_seconds
 
     total = 0.0
     for member in _tree(pid):

@@ -1,6 +1,6 @@
 """Cross-check: `vllm bench serve` and `specgate loadtest` on the same load against one fake engine, side by side.
 
-    .venv/bin/python -m loadtest.compare_vllm_bench --tokenizer /tmp/quickmodels/demo-target \\
+    .venv/bin/python -m benchmarks.compare_vllm_bench --tokenizer /tmp/quickmodels/demo-target \\
         --num-prompts 200 --concurrency 16
 
 The fake engine runs pinned to one core and each client in turn on the other; rounds alternate which client
@@ -19,7 +19,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from loadtest.bench_procs import free_port, pinned, wait_healthy
+from loadtest.procs import free_port, pinned, wait_healthy
 from loadtest.records import CLIENT, OK, RequestRecord
 from loadtest.summary import summarize
 
@@ -110,7 +110,7 @@ def render(rows: list[dict[str, Any]], ours_name: str, digits: int = 3) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.compare_vllm_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_vllm_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, default=Path("/tmp/quickmodels/demo-target"),
                         help="a tokenizer directory for vllm bench's random dataset")
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.tokenizer / "tokenizer_config.json").exists() and not (args.tokenizer / "tokenizer.json").exists():
         print(f"no tokenizer in {args.tokenizer}; pass --tokenizer DIR", file=sys.stderr)
         return 2
-    out_dir = args.result_dir or Path("loadtest/results") / time.strftime("compare-vllm-bench-%Y%m%d-%H%M%S")
+    out_dir = args.result_dir or Path("benchmarks/results") / time.strftime("compare-vllm-bench-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text, rows = table(vllm_runs, our_runs, "specgate loadtest")
     # Same per-request timings through both sets of formulas: any difference is a definition difference.
     check_text, check_rows = table(vllm_runs, [recompute(run) for run in vllm_runs], "ours on vllm's timings", 6)
-    command = " ".join(["python -m loadtest.compare_vllm_bench", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.compare_vllm_bench", *(argv if argv is not None else sys.argv[1:])])
     arrivals = f"Poisson {args.rate}/s capped at {args.concurrency}" if args.rate else f"concurrency {args.concurrency}"
     load = (f"fake engine ttft={args.ttft_ms}ms gap={args.gap_ms}ms; random prompts {args.input_len} in / "
             f"{args.output_len} out, ignore_eos, {args.num_prompts} requests, {arrivals}, {args.rounds} round(s)")

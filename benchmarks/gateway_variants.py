@@ -1,6 +1,6 @@
 """specgate with a chosen upstream HTTP client, for the upstream-client comparison (not a product entry point).
 
-    python -m loadtest.gateway_variants --variant httpx-aiohttp --workers http://127.0.0.1:8100 --port 8001
+    python -m benchmarks.gateway_variants --variant httpx-aiohttp --workers http://127.0.0.1:8100 --port 8001
 
 Variants (everything else is the gateway as shipped, served like gateway/serve.py does):
 - httpx-default: httpx's default pool (100 connections, 20 kept alive for 5 s);
@@ -113,8 +113,8 @@ def apply_fixes(fixes: Sequence[str]) -> None:
 
         setattr(relay, "_read_to_end", leave_unread)  # noqa: B010 (relay_events looks it up at call time)
     if "leansse" in fixes:
+        from benchmarks.lean_sse import LeanEventStream
         from gateway import api
-        from loadtest.lean_sse import LeanEventStream
 
         setattr(api, "RelayEventStream", LeanEventStream)  # noqa: B010 (gateway.api imports it by name)
 
@@ -134,7 +134,7 @@ def transport_for(variant: str, settings: GatewaySettings) -> httpx.AsyncBaseTra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.gateway_variants", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway_variants", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", required=True, help=f"{' | '.join(VARIANTS)}, optionally +{'+'.join(FIXES)}")
     parser.add_argument("--workers", required=True, help="comma-separated worker URLs")

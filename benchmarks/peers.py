@@ -1,8 +1,8 @@
 """Peer gateways for the side-by-side benchmark: LiteLLM proxy and vllm-router, each in its own venv.
 
-    python -m loadtest.peers install            # (re)create both venvs under .cache/peers/
-    python -m loadtest.peers install litellm    # just one
-    python -m loadtest.peers check              # which peers are ready
+    python -m benchmarks.peers install            # (re)create both venvs under .cache/peers/
+    python -m benchmarks.peers install litellm    # just one
+    python -m benchmarks.peers check              # which peers are ready
 
 The venvs live in `.cache/peers/<name>/` (git-ignored), so the peers' many dependencies never touch the
 project's own venv. A peer whose venv is missing is skipped by the benchmark, with a note in its report.
@@ -135,7 +135,7 @@ def vllm_router_launch(port: int, upstream: str, metrics_port: int, root: Path =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.peers", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("install", "check"))
     parser.add_argument("names", nargs="*", default=list(NAMES))

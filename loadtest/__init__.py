@@ -1,1 +1,1 @@
-"""specgate load testing: load generator, fake engine and benchmarks."""
+"""specgate load testing: the load generator (`specgate loadtest`) and the fake engine (`specgate fake-engine`)."""

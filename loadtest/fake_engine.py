@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`specgate fake-engine ...`: serve a fake vLLM worker in the foreground."""
     import uvicorn
 
-    from loadtest.bench_procs import raise_open_file_limit
+    from loadtest.procs import raise_open_file_limit
 
     config, args = parse_config(sys.argv[1:] if argv is None else argv)
     print(f"fake vLLM worker (not a model) serving '{config.model}' on http://{args.host}:{args.port}/v1 "

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--slo", type=parse_slo, action="append", default=[], metavar="NAME=VALUE",
                      help="goodput SLO, e.g. ttft=500ms, tpot=50ms, e2e=2s (repeatable)")
     out.add_argument("--percentiles", default="50,90,99")
-    out.add_argument("--output-dir", type=Path, help="default loadtest/results/loadtest-<time>")
+    out.add_argument("--output-dir", type=Path, help="default results/loadtest-<time>")
     out.add_argument("--label", default="")
     out.add_argument("--no-plots", action="store_true")
     out.add_argument("--no-progress", action="store_true")
@@ -147,12 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    out_dir = args.output_dir or Path("loadtest/results") / time.strftime("loadtest-%Y%m%d-%H%M%S")
+    out_dir = args.output_dir or Path("results") / time.strftime("loadtest-%Y%m%d-%H%M%S")
     command = _command(argv)
 
     import uvloop
 
-    from loadtest.bench_procs import raise_open_file_limit
+    from loadtest.procs import raise_open_file_limit
     from loadtest.report import markdown, write_run, write_sweep
 
     raise_open_file_limit()

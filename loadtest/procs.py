@@ -1,4 +1,5 @@
-"""Benchmark process plumbing: free loopback ports, CPU pinning, health waits, CPU time and file limits."""
+"""Process plumbing: the open-file limit (the load generator and the fake engine), and for benchmarks/ free
+loopback ports, CPU pinning, health waits and CPU time."""
 
 from __future__ import annotations
 

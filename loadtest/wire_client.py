@@ -4,7 +4,7 @@ lands (the connection's read callback), on gateway/workerconnection.py's httptoo
 Why not aiohttp, as `vllm bench serve` uses: per SSE event aiohttp's client runs its parser's callbacks, its
 StreamReader's buffer and waiter, and a wake-up of the request's task; at 300 streams of 10 ms gaps that cost
 ~35 µs of the load generator's core per event, which with the fake engine beside it filled that core, so the
-benchmark measured its own core rather than the target (loadtest/results/client-choice.md). Here each network
+benchmark measured its own core rather than the target (docs/design/performance.md). Here each network
 read goes from the protocol's `data_received` straight to the request's parser (`Sink`): no task wakes per
 event, and the timestamp is taken as the bytes are handed over rather than a loop turn later.
 """

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import orjson
 
-from loadtest import bench_gateways
-from loadtest.bench_measure import TOKEN_TEXT, Run
-from loadtest.bench_procs import process_cpu_seconds
-from loadtest.bench_report import added_by_round, one_to_one, round_table
+from benchmarks import bench_gateways
+from benchmarks.bench_measure import TOKEN_TEXT, Run
+from benchmarks.bench_report import added_by_round, one_to_one, round_table
+from loadtest.procs import process_cpu_seconds
 from loadtest.records import RequestRecord
 
 
@@ -23,7 +23,7 @@ def test_tiny_benchmark_writes_report_and_delivers_one_to_one(tmp_path: Path) ->
         "--chunk-level", "4", "--chunk-rounds", "1", "--gateway-cpu", "", "--client-cpu", "",
         "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "report.md"),
     ])
-    paths = bench_gateways.run(args, "python -m loadtest.bench_gateways (test)")
+    paths = bench_gateways.run(args, "python -m benchmarks.bench_gateways (test)")
 
     assert tmp_path / "report.md" in paths
     report = (tmp_path / "report.md").read_text()
@@ -48,12 +48,12 @@ def test_tiny_benchmark_writes_report_and_delivers_one_to_one(tmp_path: Path) ->
 
 
 def test_missing_peer_is_skipped_with_a_note(tmp_path: Path) -> None:
-    from loadtest import bench_targets, peers
+    from benchmarks import bench_targets, peers
 
     assert bench_targets.missing_peer("specgate", tmp_path) is None
     for name in peers.NAMES:
         note = bench_targets.missing_peer(name, tmp_path)
-        assert note is not None and "skipped" in note and f"python -m loadtest.peers install {name}" in note
+        assert note is not None and "skipped" in note and f"python -m benchmarks.peers install {name}" in note
     assert "api_base: http://127.0.0.1:9/v1" in peers.litellm_config("http://127.0.0.1:9/")
 
 
@@ -79,7 +79,7 @@ def test_the_bare_relay_floor_delivers_every_event_and_token_it_is_sent(tmp_path
         "--chunk-level", "4", "--chunk-rounds", "1", "--gateway-cpu", "", "--client-cpu", "",
         "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "out"), "--report", str(tmp_path / "report.md"),
     ])
-    bench_gateways.run(args, "python -m loadtest.bench_gateways (test)")
+    bench_gateways.run(args, "python -m benchmarks.bench_gateways (test)")
 
     for phase in ("latency", "chunks"):
         rows = orjson.loads((tmp_path / "out" / f"{phase}.json").read_bytes())["rows"]

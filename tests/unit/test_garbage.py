@@ -1,7 +1,7 @@
 """A finished request leaves nothing for the garbage collector: everything it made is freed by reference counting.
 
 Cyclic garbage is what makes the collector run under steady load, and each of its runs pauses every open stream
-(loadtest/results/profile.md, "No cyclic garbage per request"). Real uvicorn on loopback, as in production: the
+(docs/design/performance.md, "No cyclic garbage per request"). Real uvicorn on loopback, as in production: the
 cycle this guards against went through uvicorn's own request object.
 """
 
