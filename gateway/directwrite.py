@@ -178,6 +178,15 @@ def writes_joined(send: Send) -> Iterator[None]:
         held.flush()
 
 
+def abort_connection(send: Send) -> None:
+    """Drop the connection `send`'s response goes over, with whatever is still queued for it; a close would
+    first wait for a reader that has stopped reading to take it all."""
+    cycle = _cycle_of(send)
+    transport = getattr(cycle, "transport", None)
+    if transport is not None and callable(getattr(transport, "abort", None)):
+        transport.abort()
+
+
 def _cycle_of(send: Send) -> RequestResponseCycle | None:
     """The uvicorn httptools request cycle whose `send` this is, if it is one."""
     cycle = getattr(send, "__self__", None)

@@ -36,7 +36,14 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.cutoff import WaitGuard, WaitTooLong
-from gateway.directwrite import DirectBodyWriter, ResponseOpener, direct_body_writer, response_opener, writes_joined
+from gateway.directwrite import (
+    DirectBodyWriter,
+    ResponseOpener,
+    abort_connection,
+    direct_body_writer,
+    response_opener,
+    writes_joined,
+)
 from gateway.disconnect import ClientWatch
 from gateway.errors import ClientDisconnected
 from gateway.hotroutes import APP_SEND
@@ -81,6 +88,10 @@ class RelayEventStream(EventSourceResponse):
                 await self._send_stream(send, body_send)
         except ClientDisconnected:
             pass  # the relay saw the cancellation and closed the worker request
+        except SendTimeoutError:
+            # A reader that took nothing for the send timeout: what is queued for it is dropped with its
+            # connection (a close would wait to send it), and the worker request is closed below.
+            abort_connection(body_send)
         finally:
             self.active = False
             if ping_due is not None:

@@ -108,10 +108,15 @@ def serve(settings: GatewaySettings) -> None:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + UVICORN_MARGIN_S,
     )
     with logging_off_the_loop():
-        DrainingServer(config, app.state.drainer).run(sockets=listening_handles(config, ACCEPT_HANDLES))
+        handles = listening_handles(config, ACCEPT_HANDLES, settings.client_send_buffer_bytes)
+        DrainingServer(config, app.state.drainer).run(sockets=handles)
 
 
-def listening_handles(config: uvicorn.Config, count: int) -> list[socket.socket]:
-    """The bound socket and `count - 1` duplicates of it: one accept queue, `count` handles taking from it."""
+def listening_handles(config: uvicorn.Config, count: int, send_buffer_bytes: int = 0) -> list[socket.socket]:
+    """The bound socket and `count - 1` duplicates of it: one accept queue, `count` handles taking from it.
+    Connections accepted from it inherit its send buffer size (Linux), which bounds what the kernel queues for a
+    client that has stopped reading: past it the stream's send timeout counts (an SSE stream needs little)."""
     bound = config.bind_socket()
+    if send_buffer_bytes:
+        bound.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
     return [bound, *(bound.dup() for _ in range(count - 1))]

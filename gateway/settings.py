@@ -66,6 +66,11 @@ class GatewaySettings(BaseSettings):
     max_json_depth: int = Field(64, ge=2, le=200, description="Deepest nesting a request body may have")
     sse_ping_interval_s: float = Field(15.0, gt=0)
     sse_send_timeout_s: float = Field(60.0, gt=0, description="A reader that takes no bytes this long is cut")
+    client_send_buffer_bytes: int = Field(
+        128 * 1024, ge=0,
+        description="Kernel send buffer per client connection (0: the kernel's autotuning, up to megabytes): what "
+        "a client that stops reading can hold queued before the send timeout starts counting",
+    )
 
     first_token_timeout_s: float = Field(
         120.0, gt=0, description="No first event from a worker this long: retry elsewhere before any byte went out"

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from gateway.workerhttp import Sink
 
-HIGH_WATER = 256 * 1024  # unread body bytes at which the socket stops being read
+HIGH_WATER = 32 * 1024  # unread body bytes at which the socket stops being read
 
 logger = logging.getLogger("specgate.workerconnection")
 
