@@ -13,6 +13,7 @@ from gateway.errors import (
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
+    WorkersBusy,
 )
 from gateway.metrics import Metrics, RequestRecord
 from gateway.pool import Worker, WorkerPool
@@ -21,7 +22,7 @@ from gateway.routing import RoutingPolicy, make_policy
 
 T = TypeVar("T")
 
-RETRYABLE = (UpstreamFailed, UpstreamTimeout, NoWorkerAvailable)
+RETRYABLE = (UpstreamFailed, UpstreamTimeout, NoWorkerAvailable, WorkersBusy)
 
 
 class Dispatcher:
@@ -85,6 +86,11 @@ class Dispatcher:
                 self._pool.finished(worker)
                 self._pool.succeeded(worker)
                 raise
+            except WorkersBusy as exc:
+                # Busy is load, not ill health: no strike towards ejection.
+                self._pool.finished(worker)
+                last_error = exc
+                continue
             except RETRYABLE as exc:
                 self._pool.finished(worker)
                 self._pool.failed(worker)

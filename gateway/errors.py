@@ -100,6 +100,12 @@ class Overloaded(GatewayError):
     default_code = "gateway_overloaded"
 
 
+class WorkersBusy(Overloaded):
+    """Every worker that could take the request answered 429: their own Retry-After goes to the client."""
+
+    default_code = "worker_overloaded"
+
+
 class NoWorkerAvailable(GatewayError):
     status = 503
     error_type = "service_unavailable"
@@ -156,3 +162,19 @@ class UpstreamRejected(GatewayError):
 
 class ClientDisconnected(Exception):
     """The client went away; not an error to report, only to count and to stop upstream work."""
+
+
+class HeadersTooLarge(GatewayError):
+    """The request head outgrew the gateway's limits (gateway/edge.py)."""
+
+    status = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+
+
+class RequestTimedOut(GatewayError):
+    """The client did not finish sending its request in time (gateway/edge.py)."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -17,6 +17,7 @@ from gateway.errors import (
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
+    WorkersBusy,
 )
 from gateway.settings import GatewaySettings
 from gateway.sse import Event, EventSplitter
@@ -31,6 +32,7 @@ from gateway.workerconnection import (
 from gateway.workerhttp import Sink, WorkerClient, WorkerReply
 
 MAX_ERROR_BODY = 64 * 1024
+MAX_RETRY_AFTER_S = 3600
 TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError, WorkerConnectionError)
 
 
@@ -170,11 +172,19 @@ async def _status_error(reply: WorkerReply) -> GatewayError:
     if 400 <= status < 500 and status not in (408, 429):
         return UpstreamRejected(status, body)
     detail = body.decode("utf-8", "replace")[:300]
-    if status in (429, 503):
+    if status == 429:
+        return WorkersBusy(f"worker is overloaded: {detail}", retry_after_s=_retry_after(reply.headers))
+    if status == 503:
         return NoWorkerAvailable(f"worker is busy or draining ({status}): {detail}", retry_after_s=1)
     if status == 408:
         return UpstreamTimeout(f"worker timed out: {detail}")
     return UpstreamFailed(f"worker answered {status}: {detail}")
+
+
+def _retry_after(headers: Mapping[str, str]) -> int:
+    """A worker's Retry-After in whole seconds (at least 1); 1 when it sent none or a date."""
+    value = headers.get("retry-after", "")
+    return max(1, min(int(value), MAX_RETRY_AFTER_S)) if value.strip().isdigit() else 1
 
 
 # What each client's errors mean for the worker connection, most specific first: the default client's

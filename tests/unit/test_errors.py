@@ -154,6 +154,23 @@ async def test_a_failing_or_busy_worker_is_retried_on_another_before_the_first_b
     assert len(good.seen) == 4
 
 
+async def test_a_429_from_every_worker_is_a_429_with_the_workers_retry_after() -> None:
+    busy = [
+        ScriptedWorker(url=f"http://busy-{n}:8100",
+                       on_post=lambda r: httpx.Response(429, text="slow down", headers={"retry-after": "7"}))
+        for n in range(2)
+    ]
+    settings = settings_for(*(w.url for w in busy), routing="round_robin")
+    async with gateway_client(settings, mock_transport(*busy)) as (client, app):
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        workers = app.state.services.pool.admin_view()
+    error = _assert_envelope(response, 429, "rate_limit_error")
+    assert error["code"] == "worker_overloaded"
+    assert response.headers["retry-after"] == "7"
+    assert [len(w.seen) for w in busy] == [1, 1], "each worker tried once"
+    assert all(w["consecutive_failures"] == 0 for w in workers), "busy is not a failure"
+
+
 async def test_connection_refused_is_a_fast_502() -> None:
     worker = ScriptedWorker()
 
