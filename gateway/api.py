@@ -16,9 +16,11 @@ from prometheus_client import Gauge
 from starlette.types import Scope
 
 from gateway.admission import Ticket
+from gateway.auth import bearer_token, token_matches
 from gateway.cutoff import DeadlinePassed, WaitGuard
 from gateway.disconnect import ClientWatch
 from gateway.errors import (
+    AuthenticationFailed,
     ClientDisconnected,
     GatewayError,
     ModelNotFound,
@@ -84,7 +86,13 @@ async def ready(services: ServicesDep) -> Response:
 
 
 @router.get("/metrics")
-async def metrics(services: ServicesDep) -> Response:
+async def metrics(request: Request, services: ServicesDep) -> Response:
+    # Its labels name workers and their load: operators may keep it for their Prometheus alone.
+    token = services.settings.metrics_token
+    if token is not None and not token_matches(bearer_token(request.scope), token.get_secret_value().encode()):
+        error = AuthenticationFailed("/metrics needs the metrics bearer token", code="invalid_metrics_token")
+        return Response(error.body(), status_code=error.http_status, media_type="application/json",
+                        headers={"www-authenticate": "Bearer"})
     body, content_type = services.metrics.exposition()
     return Response(body, media_type=content_type)
 

@@ -13,6 +13,10 @@ from gateway.errors import AuthenticationFailed
 PROTECTED_PREFIXES = ("/v1/", "/admin/")
 
 
+def token_matches(presented: bytes, expected: bytes) -> bool:
+    return hmac.compare_digest(presented, expected)
+
+
 class ApiKeyMiddleware:
     """With no keys configured, everything passes; health, readiness and metrics stay open."""
 
@@ -24,7 +28,7 @@ class ApiKeyMiddleware:
         if not self._keys or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
-        if self._accepts(_bearer(scope)):
+        if self._accepts(bearer_token(scope)):
             await self.app(scope, receive, send)
             return
         error = AuthenticationFailed("Incorrect API key provided")
@@ -43,7 +47,8 @@ class ApiKeyMiddleware:
         return matched
 
 
-def _bearer(scope: Scope) -> bytes:
+def bearer_token(scope: Scope) -> bytes:
+    """The request's bearer token, b"" without one."""
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")

@@ -34,6 +34,9 @@ class GatewaySettings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Accepted bearer keys; empty means no authentication"
     )
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token /metrics requires (Prometheus' scrape `authorization`); unset: open"
+    )
 
     # Upstream timeouts. The read timeout is an idle timeout on streams, so long generations live on.
     connect_timeout_s: float = Field(3.0, gt=0)
@@ -94,6 +97,12 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # Compose passes an unset variable as "": that means no token, not an empty one.
+        return None if value == "" else value
 
     @field_validator("workers")
     @classmethod

@@ -254,6 +254,24 @@ async def test_api_keys_are_required_when_configured() -> None:
     assert health.status_code == 200
 
 
+async def test_metrics_can_be_kept_for_a_bearer_token() -> None:
+    worker = ScriptedWorker()
+    settings = settings_for(worker.url, metrics_token="scrape-secret", api_keys="client-key")
+    async with gateway_client(settings, mock_transport(worker)) as (client, _):
+        missing = await client.get("/metrics")
+        client_key = await client.get("/metrics", headers={"authorization": "Bearer client-key"})
+        right = await client.get("/metrics", headers={"authorization": "Bearer scrape-secret"})
+    _assert_envelope(missing, 401, "authentication_error")
+    _assert_envelope(client_key, 401)  # an API key is not the scrape token
+    assert right.status_code == 200 and "specgate_worker_healthy" in right.text
+
+
+async def test_metrics_are_open_without_a_token() -> None:
+    worker = ScriptedWorker()
+    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        assert (await client.get("/metrics")).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("error", "kind", "phrase"),
     [
