@@ -35,6 +35,7 @@ from gateway.pool import Worker
 from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.relay import DISCONNECTED_STATUS, Relay, UsageFilter
 from gateway.services import Services, get_services, services_of
+from gateway.upstream import OpenStream
 
 logger = logging.getLogger("specgate.api")
 router = APIRouter()
@@ -199,18 +200,13 @@ async def _validated_call(request: Request, services: Services, kind: Kind) -> O
 
 
 T = TypeVar("T")
-Opener = Callable[[str, str, bytes, str], Awaitable[T]]
 
 
-async def _routed(services: Services, call: OpenAICall, record: RequestRecord, path: str,
-                  opener: Opener[T]) -> tuple[Worker, T]:
-    """Route and send, with retries on other workers."""
+async def _routed(services: Services, call: OpenAICall, record: RequestRecord,
+                  send: Callable[[Worker, bytes], Awaitable[T]]) -> tuple[Worker, T]:
+    """Route and send the worker's body, with retries on other workers."""
     body = call.upstream_body()
-
-    async def send(worker: Worker) -> T:
-        return await opener(worker.url, path, body, record.request_id)
-
-    return await services.dispatcher.attempt(call, record, send)
+    return await services.dispatcher.attempt(call, record, lambda worker: send(worker, body))
 
 
 async def _stream(
@@ -237,9 +233,13 @@ async def _stream(
     )
     opener = response.inline_opener(request_scope)
     opening = relay.open_inline(opener) if opener is not None else None
-    worker, opened = await _routed(
-        services, call, record, path, functools.partial(services.upstream.open_stream, opening=opening)
-    )
+
+    async def open_on(worker: Worker, body: bytes) -> OpenStream:
+        return await services.upstream.open_stream(
+            worker.url, path, body, record.request_id, opening=opening, waiting=worker.load.waiting
+        )
+
+    worker, opened = await _routed(services, call, record, open_on)
     try:
         services.drainer.track(opened)
         relay.attach(opened)
@@ -266,7 +266,10 @@ async def _complete(
         try:
             drain.begin()
             async with asyncio.timeout(limit):
-                worker, content = await _routed(services, call, record, path, services.upstream.complete)
+                worker, content = await _routed(
+                    services, call, record,
+                    lambda worker, body: services.upstream.complete(worker.url, path, body, record.request_id),
+                )
         except asyncio.CancelledError:
             drain.raise_if_cut()
             raise

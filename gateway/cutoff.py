@@ -10,6 +10,24 @@ bounds stays a plain `await` between `begin()` and `end()`.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FirstTokenBudget:
+    """How long a stream may wait for a worker's first event before it is tried elsewhere: a base, plus time
+    for the prompt's prefill and for the requests already waiting on that worker, never above a cap. A flat
+    limit long enough for a long prompt behind a full queue would leave a short prompt on a hung worker for
+    minutes."""
+
+    base_s: float
+    per_prompt_kib_s: float
+    per_waiting_s: float
+    cap_s: float
+
+    def limit_s(self, body_bytes: int, waiting: float) -> float:
+        scaled = self.base_s + self.per_prompt_kib_s * body_bytes / 1024 + self.per_waiting_s * max(waiting, 0.0)
+        return min(self.cap_s, scaled)
 
 
 class WaitTooLong(TimeoutError):

@@ -40,7 +40,7 @@ class GatewaySettings(BaseSettings):
 
     # Upstream timeouts. The read timeout is an idle timeout on streams, so long generations live on.
     connect_timeout_s: float = Field(3.0, gt=0)
-    stream_idle_timeout_s: float = Field(300.0, gt=0)
+    stream_idle_timeout_s: float = Field(60.0, gt=0, description="A stream whose worker sends nothing this long ends")
     request_timeout_s: float = Field(900.0, gt=0, description="Whole non-streaming upstream call")
     max_upstream_connections: int = Field(2048, ge=1)
     upstream_transport: Literal["httptools", "aiohttp", "httpcore"] = Field(
@@ -76,8 +76,12 @@ class GatewaySettings(BaseSettings):
     )
 
     first_token_timeout_s: float = Field(
-        120.0, gt=0, description="No first event from a worker this long: retry elsewhere before any byte went out"
+        120.0, gt=0, description="The longest wait for a worker's first event before the stream is tried elsewhere"
     )
+    # Below that cap the wait scales: base + per KiB of request body + per request waiting on the worker.
+    first_token_base_s: float = Field(30.0, gt=0)
+    first_token_per_prompt_kib_s: float = Field(0.5, ge=0)
+    first_token_per_waiting_s: float = Field(2.0, ge=0)
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long open streams may still run")
     shutdown_notice_s: float = Field(
         0.0, ge=0, description="On SIGTERM, answer /ready with 503 at least this long before exiting (load balancers)"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import httpx
 
-from gateway.cutoff import DeadlinePassed, WaitGuard, WaitTooLong
+from gateway.cutoff import DeadlinePassed, FirstTokenBudget, WaitGuard, WaitTooLong
 from gateway.errors import (
     GatewayError,
     NoWorkerAvailable,
@@ -93,15 +93,19 @@ class Upstream:
         self._client = client
         self._settings = settings
         self._clock = clock
+        self._first_token = FirstTokenBudget(
+            settings.first_token_base_s, settings.first_token_per_prompt_kib_s, settings.first_token_per_waiting_s,
+            settings.first_token_timeout_s,
+        )
 
     async def open_stream(self, worker_url: str, path: str, body: bytes, request_id: str,
-                          opening: Sink | None = None) -> OpenStream:
+                          opening: Sink | None = None, waiting: float = 0.0) -> OpenStream:
         """Send the request and wait, within the first-token timeout, for a 200 and the first event. With
         `opening`, the first network read of the body is offered to it from the worker's read callback; taken, it
         has gone to the client (gateway.relay, `Relay.open_inline`), the stream is open with no `first_events`, and
         no other worker can be tried for this request any more."""
         sent_at = self._clock()
-        limit = self._settings.first_token_timeout_s
+        limit = self._first_token.limit_s(len(body), waiting)
         reply: WorkerReply | None = None
         try:
             async with asyncio.timeout(limit) as deadline:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from gateway.cutoff import FirstTokenBudget
 from tests.unit.fakes import (
     CHAT,
     DONE,
@@ -42,6 +43,32 @@ def test_a_worker_with_no_first_token_in_time_is_abandoned_for_another() -> None
     assert [a.status_code for a in answers] == [200, 200]
     assert all(_events(a.text)[-1] == "data: [DONE]" for a in answers)
     assert hung.started.is_set() and wait_until(hung.disconnected.is_set, 2), "the hung request was closed"
+
+
+def test_the_first_token_wait_scales_with_the_prompt_and_the_workers_queue_up_to_its_cap() -> None:
+    budget = FirstTokenBudget(base_s=10, per_prompt_kib_s=0.5, per_waiting_s=2, cap_s=120)
+    assert budget.limit_s(0, 0) == 10
+    assert budget.limit_s(8 * 1024, 0) == 14
+    assert budget.limit_s(0, 5) == 20
+    assert budget.limit_s(1024 * 1024, 0) == 120
+    assert budget.limit_s(0, -1) == 10  # a gauge read while it was reset
+
+
+def test_a_long_prompt_waits_longer_for_its_first_token_than_a_short_one() -> None:
+    hung = SlowWorker(vllm_stream([1]), gap_s=0, first_delay_s=60)
+    healthy = SlowWorker(vllm_stream([1, 1]), gap_s=0)
+    long_prompt = {**STREAM, "messages": [{"role": "user", "content": "x" * 4096}]}
+    with gateway_over(hung, healthy, first_token_base_s=0.2, first_token_per_prompt_kib_s=0.5,
+                      first_token_timeout_s=30, routing="round_robin") as (url, _):
+        took = {}
+        for name, body in (("short", STREAM), ("long", long_prompt)):
+            started = time.monotonic()
+            answers = [httpx.post(url + "/v1/chat/completions", json=body, timeout=30) for _ in range(2)]
+            took[name] = time.monotonic() - started
+            assert [a.status_code for a in answers] == [200, 200]
+    # The long one's 4 KiB bought it 2 s more on the hung worker before it was tried on the other.
+    assert took["long"] >= 2.0, took
+    assert took["long"] > took["short"] + 1.0, took
 
 
 def test_a_whole_call_ends_at_the_request_timeout_with_retries_counted_in_it() -> None:
