@@ -13,9 +13,11 @@ from logging.handlers import QueueHandler, QueueListener
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from gateway.app import create_app
 from gateway.drain import Drainer
+from gateway.edge import EdgeLimits, edge_protocol
 from gateway.settings import GatewaySettings
 
 # Beyond the drain grace, so streams end with the gateway's own error event rather than being cut.
@@ -96,7 +98,15 @@ def serve(settings: GatewaySettings) -> None:
     # httpx logs every upstream request at INFO: a log line per request on the hot path.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = server_config(settings, app)
+    with logging_off_the_loop():
+        handles = listening_handles(config, ACCEPT_HANDLES, settings.client_send_buffer_bytes)
+        DrainingServer(config, app.state.drainer).run(sockets=handles)
+
+
+def server_config(settings: GatewaySettings, app: ASGIApp) -> uvicorn.Config:
+    """The server the gateway runs under, as `serve` runs it (tests serve the app with the same)."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -106,10 +116,15 @@ def serve(settings: GatewaySettings) -> None:
         # X-Forwarded-For middleware would only be one more layer for every request to pass.
         proxy_headers=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + UVICORN_MARGIN_S,
+        # Bounded request heads, head and body timeouts, malformed framing answered in the OpenAI envelope.
+        http=edge_protocol(EdgeLimits(
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            client_write_buffer_bytes=settings.client_write_buffer_bytes,
+        )),
     )
-    with logging_off_the_loop():
-        handles = listening_handles(config, ACCEPT_HANDLES, settings.client_send_buffer_bytes)
-        DrainingServer(config, app.state.drainer).run(sockets=handles)
 
 
 def listening_handles(config: uvicorn.Config, count: int, send_buffer_bytes: int = 0) -> list[socket.socket]:

@@ -65,6 +65,18 @@ class GatewaySettings(BaseSettings):
     retry_backoff_s: float = Field(0.05, ge=0)
 
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # The HTTP edge (gateway/edge.py): what a client may send before the app sees its request.
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024,
+                                  description="Largest request head (request line and headers); beyond: 431")
+    max_headers: int = Field(100, ge=32, le=10_000, description="Most header fields in one request; beyond: 431")
+    header_timeout_s: float = Field(10.0, gt=0, le=600,
+                                    description="A request head not complete this long after the connection opened "
+                                                "(or after its first byte, on a kept-alive connection) gets 408")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                  description="A request body sending nothing this long ends the request")
+    client_write_buffer_bytes: int = Field(
+        16 * 1024, ge=1024, description="Bytes queued in the gateway for one client before its stream waits for it"
+    )
     # orjson writes at most 254 levels; the worker's body is written again by the gateway.
     max_json_depth: int = Field(64, ge=2, le=200, description="Deepest nesting a request body may have")
     sse_ping_interval_s: float = Field(15.0, gt=0)
