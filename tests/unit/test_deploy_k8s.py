@@ -304,6 +304,40 @@ def test_pod_monitors_select_the_pods_and_their_ports() -> None:
     assert {"specgate-gateway", "specgate-worker", "specgate-ray-head"} <= scraped
 
 
+# --- the /metrics token ----------------------------------------------------------------------------------
+
+METRICS_SECRET = {"name": "specgate-metrics", "key": "token"}
+
+
+@pytest.mark.parametrize("name", ["", "multinode"])
+def test_gateway_reads_the_metrics_token_from_an_optional_secret(name: str) -> None:
+    """Without the Secret the pod still starts, with /metrics open."""
+    gateway = _containers(_find(_manifests(name), "Deployment", "specgate-gateway"))[0]
+    assert _env(gateway)["SPECGATE_METRICS_TOKEN"] == {"secretKeyRef": {**METRICS_SECRET, "optional": True}}
+
+
+def test_gateway_pod_monitor_sends_the_token_from_the_same_secret_key() -> None:
+    # PodMonitor is a CRD, which kubernetes-validate has no schema for: the fields prometheus-operator's
+    # PodMetricsEndpoint.authorization (SafeAuthorization) has, with credentials a SecretKeySelector.
+    monitor = _find(_manifests("monitoring"), "PodMonitor", "specgate-gateway")
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert not endpoint.keys() & {"bearerTokenSecret", "basicAuth", "oauth2"}, "exclusive with authorization"
+        authorization = endpoint["authorization"]
+        assert set(authorization) <= {"type", "credentials"}
+        assert authorization.get("type", "Bearer").lower() == "bearer"
+        credentials = authorization["credentials"]
+        assert set(credentials) <= {"name", "key", "optional"}
+        assert {field: credentials[field] for field in METRICS_SECRET} == METRICS_SECRET
+        assert credentials.get("optional", False) in (True, False)
+
+
+def test_only_the_gateway_pod_monitor_sends_a_token() -> None:
+    """The token is the gateway's: no other scrape target receives it."""
+    monitor = _find(_manifests("monitoring"), "PodMonitor", "specgate-worker")
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert "authorization" not in endpoint
+
+
 # --- multi-node Ray -------------------------------------------------------------------------------------
 
 
