@@ -15,9 +15,9 @@ load generator) share --client-cpu. Phases (each starts its own engine and targe
 - capacity: gap --capacity-gap-ms, rising concurrency: highest events/s before TTFT p99 > 2x direct's;
 - idle: --idle-streams streams held open by an engine that stalls them: RSS before / open / after.
 
-Peers whose venv is missing (python -m benchmarks.peers install) are skipped with a note. Targets may also be
-specgate upstream-client variants: specgate:httpx-default, specgate:httpx-tuned, specgate:httpx-aiohttp,
-specgate:aiohttp.
+Peers whose venv is missing (python -m benchmarks.peers install) are skipped with a note. A target
+`specgate@DIR` runs the gateway of another checkout (`git worktree add DIR COMMIT`): before and after a change,
+interleaved in one run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmark targets as pinned subprocesses: the fake engine, specgate (and its upstream-client variants), peers.
+"""Benchmark targets as pinned subprocesses: the fake engine, specgate (this checkout's or another's), peers.
 
 Each `start_*` is a context manager yielding a `Target` (name, base URL, pid for RSS and CPU readings); it
 stops the process (and anything it spawned, by its own process group) on exit.
@@ -87,23 +87,21 @@ def start_engine(engine_args: Sequence[str], cpu: str | None, log_dir: Path) -> 
 
 
 @contextlib.contextmanager
-def start_specgate(upstream: str, cpu: str | None, log_dir: Path, variant: str | None = None) -> Iterator[Target]:
-    """specgate as users run it (`gateway.cli gateway`), or a `benchmarks.gateway_variants` upstream-client variant."""
+def start_specgate(upstream: str, cpu: str | None, log_dir: Path, checkout: Path | None = None) -> Iterator[Target]:
+    """specgate as users run it (`gateway.cli gateway`); with `checkout`, the gateway of that other checkout
+    (a git worktree of an earlier commit, say), for a before/after comparison in one run."""
     port = free_port()
-    if variant is None:
-        argv = [sys.executable, "-m", "gateway.cli", "gateway", "--workers", upstream, "--port", str(port),
-                "--log-level", "warning"]
-        name = "specgate"
-    else:
-        from benchmarks.gateway_variants import parse_variant
-
-        parse_variant(variant)  # fail here, not in the child
-        argv = [sys.executable, "-m", "benchmarks.gateway_variants", "--variant", variant, "--workers", upstream,
-                "--port", str(port)]
-        name = f"specgate:{variant}"
-    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "gateway.cli", "gateway", "--workers", upstream, "--port", str(port),
+            "--log-level", "warning"]
     env = {"SPECGATE_REQUEST_LOG": "false"}
-    label = f"{name.replace(':', '-').replace('+', '-')}-{port}"
+    name = "specgate"
+    if checkout is not None:
+        if not (checkout / "gateway" / "cli.py").is_file():
+            raise ValueError(f"no gateway in {checkout}")
+        env["PYTHONPATH"] = str(checkout.resolve())
+        name = f"specgate@{checkout.name}"
+    url = f"http://127.0.0.1:{port}"
+    label = f"{name.replace('@', '-')}-{port}"
     with run_process(label, argv, url + "/ready", cpu, log_dir, env) as pid:
         yield Target(name, url, pid)
 
@@ -136,11 +134,12 @@ def start_bare_relay(upstream: str, cpu: str | None, log_dir: Path) -> Iterator[
 
 
 def start_target(name: str, upstream: str, cpu: str | None, log_dir: Path) -> contextlib.AbstractContextManager[Target]:
-    """`specgate`, `specgate:<variant>`, `litellm`, `vllm-router` or `bare-relay` in front of `upstream`."""
+    """`specgate`, `specgate@DIR` (the gateway of another checkout), `litellm`, `vllm-router` or `bare-relay` in
+    front of `upstream`."""
     if name == "specgate":
         return start_specgate(upstream, cpu, log_dir)
-    if name.startswith("specgate:"):
-        return start_specgate(upstream, cpu, log_dir, name.split(":", 1)[1])
+    if name.startswith("specgate@"):
+        return start_specgate(upstream, cpu, log_dir, Path(name.split("@", 1)[1]))
     if name == "litellm":
         return start_litellm(upstream, cpu, log_dir)
     if name == "vllm-router":
