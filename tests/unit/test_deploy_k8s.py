@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engine.config import EngineProfile, find_profile, render
+from engine.profiles import EngineProfile, find_profile, render
 from tests.deploy_support import KUBERNETES_DIR, known_metrics
 
 KUSTOMIZATIONS = ("", "multinode", "monitoring")
@@ -27,16 +28,19 @@ WORKER_PORT = 8100
 Manifest = dict[str, Any]
 
 
-def _load_kustomization(directory: Path) -> list[Manifest]:
-    """A reading of kustomization.yaml without kubectl: resources, namespace, image tags, JSON6902 patches."""
+def _load_kustomization(directory: Path, accumulated: list[Manifest] | None = None) -> list[Manifest]:
+    """A reading of kustomization.yaml without kubectl: resources, components, namespace, image tags, JSON6902
+    patches. A Component (kind: Component) acts, like kustomize's, on what its parent has accumulated."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    docs: list[Manifest] = []
+    docs: list[Manifest] = [] if accumulated is None else accumulated
     for resource in kustomization.get("resources", []):
         path = directory / resource
         if path.is_dir():
             docs += _load_kustomization(path)
         else:
             docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for component in kustomization.get("components", []):
+        docs = _load_kustomization(directory / component, docs)
     namespace = kustomization.get("namespace")
     for doc in docs:
         if namespace and doc["kind"] != "Namespace":
@@ -50,30 +54,51 @@ def _load_kustomization(directory: Path) -> list[Manifest]:
         for doc in docs:
             if doc["kind"] == target["kind"] and doc["metadata"]["name"] == target["name"]:
                 for op in yaml.safe_load(patch["patch"]):
-                    assert op["op"] == "replace"
+                    assert op["op"] in ("add", "replace"), op
                     *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
                     node: Any = doc
                     for part in parents:
                         node = node[part]
-                    node[last] = op["value"]
+                    if isinstance(node, list) and op["op"] == "add":
+                        node.insert(len(node) if last == "-" else last, op["value"])
+                    elif isinstance(node, list):
+                        node[last] = op["value"]
+                    else:
+                        assert op["op"] == "add" or last in node, f"replace of a missing {op['path']}"
+                        node[last] = op["value"]
     return docs
 
 
-@cache
-def _render(name: str) -> tuple[Manifest, ...]:
-    directory = KUBERNETES_DIR / name
-    kubectl = shutil.which("kubectl")
+def _kustomize(directory: Path, manual: bool = False) -> list[Manifest]:
+    kubectl = None if manual else shutil.which("kubectl")
     if kubectl is not None:
         result = subprocess.run(
             [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
         )
         assert result.returncode == 0, result.stderr
-        return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-    return tuple(_load_kustomization(directory))
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return _load_kustomization(directory)
 
 
-def _manifests(name: str = "") -> list[Manifest]:
-    return copy.deepcopy(list(_render(name)))
+@cache
+def _render(name: str, components: tuple[str, ...] = (), manual: bool = False) -> tuple[Manifest, ...]:
+    """The kustomization as shipped or, with components, as deploy/README.md says to opt in to them: a copy
+    with `components:` added to its kustomization.yaml."""
+    directory = KUBERNETES_DIR / name
+    if not components:
+        return tuple(_kustomize(directory, manual))
+    with tempfile.TemporaryDirectory() as scratch:
+        copy_dir = Path(scratch) / (name or "base")
+        shutil.copytree(directory, copy_dir)
+        kustomization = yaml.safe_load((copy_dir / "kustomization.yaml").read_text())
+        assert not kustomization.get("components"), f"{name}: opt-in components are not listed by default"
+        kustomization["components"] = list(components)
+        (copy_dir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+        return tuple(_kustomize(copy_dir, manual))
+
+
+def _manifests(name: str = "", components: tuple[str, ...] = ()) -> list[Manifest]:
+    return copy.deepcopy(list(_render(name, components)))
 
 
 def _find(docs: list[Manifest], kind: str, name: str) -> Manifest:
@@ -307,6 +332,8 @@ def test_pod_monitors_select_the_pods_and_their_ports() -> None:
 # --- the /metrics token ----------------------------------------------------------------------------------
 
 METRICS_SECRET = {"name": "specgate-metrics", "key": "token"}
+# The opt-in (deploy/kubernetes/monitoring/metrics-token): the gateway PodMonitor sends the token.
+TOKEN_COMPONENT = ("metrics-token",)
 
 
 @pytest.mark.parametrize("name", ["", "multinode"])
@@ -316,26 +343,49 @@ def test_gateway_reads_the_metrics_token_from_an_optional_secret(name: str) -> N
     assert _env(gateway)["SPECGATE_METRICS_TOKEN"] == {"secretKeyRef": {**METRICS_SECRET, "optional": True}}
 
 
-def test_gateway_pod_monitor_sends_the_token_from_the_same_secret_key() -> None:
+def test_pod_monitors_send_no_token_by_default() -> None:
+    """Scraping works with no Secret anywhere: the operator rejects a PodMonitor whose authorization Secret is
+    missing from the PodMonitor's namespace, whatever `optional` says, and /metrics is open by default."""
+    for monitor in (d for d in _manifests("monitoring") if d["kind"] == "PodMonitor"):
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert not endpoint.keys() & {"authorization", "bearerTokenSecret", "basicAuth", "oauth2"}, (
+                monitor["metadata"]["name"]
+            )
+
+
+def test_metrics_token_component_sends_the_token_from_the_same_secret_key() -> None:
     # PodMonitor is a CRD, which kubernetes-validate has no schema for: the fields prometheus-operator's
     # PodMetricsEndpoint.authorization (SafeAuthorization) has, with credentials a SecretKeySelector.
-    monitor = _find(_manifests("monitoring"), "PodMonitor", "specgate-gateway")
+    monitor = _find(_manifests("monitoring", TOKEN_COMPONENT), "PodMonitor", "specgate-gateway")
+    assert monitor["metadata"]["namespace"] == "monitoring"
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
         assert not endpoint.keys() & {"bearerTokenSecret", "basicAuth", "oauth2"}, "exclusive with authorization"
         authorization = endpoint["authorization"]
         assert set(authorization) <= {"type", "credentials"}
         assert authorization.get("type", "Bearer").lower() == "bearer"
-        credentials = authorization["credentials"]
-        assert set(credentials) <= {"name", "key", "optional"}
-        assert {field: credentials[field] for field in METRICS_SECRET} == METRICS_SECRET
-        assert credentials.get("optional", False) in (True, False)
+        # No `optional`: the operator ignores it there, so it would only promise what does not happen.
+        assert authorization["credentials"] == METRICS_SECRET
+    # The rest of the endpoint is the default one's.
+    default = _find(_manifests("monitoring"), "PodMonitor", "specgate-gateway")
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        del endpoint["authorization"]
+    assert monitor == default
 
 
-def test_only_the_gateway_pod_monitor_sends_a_token() -> None:
+def test_metrics_token_component_leaves_the_worker_pod_monitor_without_a_token() -> None:
     """The token is the gateway's: no other scrape target receives it."""
-    monitor = _find(_manifests("monitoring"), "PodMonitor", "specgate-worker")
+    monitor = _find(_manifests("monitoring", TOKEN_COMPONENT), "PodMonitor", "specgate-worker")
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
         assert "authorization" not in endpoint
+    assert monitor == _find(_manifests("monitoring"), "PodMonitor", "specgate-worker")
+
+
+def test_metrics_token_component_renders_the_same_without_kubectl() -> None:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl missing: the manifests are read without kustomize")
+    manual = _render("monitoring", TOKEN_COMPONENT, manual=True)
+    kustomized = _render("monitoring", TOKEN_COMPONENT)
+    assert [m for m in kustomized if m["kind"] == "PodMonitor"] == [m for m in manual if m["kind"] == "PodMonitor"]
 
 
 # --- multi-node Ray -------------------------------------------------------------------------------------
