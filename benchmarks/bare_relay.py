@@ -4,7 +4,7 @@ product path.
     python -m benchmarks.bare_relay --workers http://127.0.0.1:8000 --port 8930
 
 uvloop, one asyncio Protocol per client connection parsing with httptools (the parser uvicorn serves with),
-and the gateway's own worker client (gateway/workerwire.py). Each POST goes to the one worker with its path
+and the gateway's own worker client (gateway/upstream/http1/client.py). Each POST goes to the one worker with its path
 and body; each read of the worker's answer leaves as one chunked write. No validation, routing, admission,
 event parsing, token counting, metrics, timers, ASGI or framework: what it spends per event is what any
 Python gateway on this event loop spends at least, so set beside specgate and vllm-router it shows how much
@@ -25,9 +25,9 @@ from typing import cast
 import httptools
 import uvloop
 
-from gateway.serve import ACCEPT_HANDLES
+from gateway.server import ACCEPT_HANDLES
 from gateway.settings import GatewaySettings
-from gateway.workerwire import WireWorkerClient
+from gateway.upstream.http1.client import WireWorkerClient
 
 HEALTH_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{\"status\":\"ok\"}"
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
@@ -98,7 +98,7 @@ async def serve(worker_url: str, host: str, port: int) -> None:
     client = WireWorkerClient(settings)
     loop = asyncio.get_running_loop()
     bound = socket.create_server((host, port), backlog=2048)
-    # As the gateway listens (gateway/serve.py): several handles on one socket, so a ramp-up's connections
+    # As the gateway listens (gateway/server.py): several handles on one socket, so a ramp-up's connections
     # are not let in one per event-loop turn.
     servers = [await loop.create_server(lambda: ClientConnection(client, worker_url), sock=handle)
                for handle in (bound, *(bound.dup() for _ in range(ACCEPT_HANDLES - 1)))]

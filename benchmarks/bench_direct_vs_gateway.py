@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.bench_measure import host_steal, steal_share_since
 from benchmarks.harness import RESULTS, gateway, run_vllm_bench, worker
-from engine.models import default_models_dir
+from engine.demo_models import default_models_dir
 
 ROWS = [
     ("completed", "completed", "{:.0f}"),

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import RESULTS, gateway, scrape, worker_process
-from engine.config import find_profile
 from engine.launch import WorkerProcess
+from engine.profiles import find_profile
 from engine.supervisor import cpu_binding, cpu_threads
 from loadtest.runner import LoadConfig, run_scenario
 from loadtest.workloads import SharedPrefixChat

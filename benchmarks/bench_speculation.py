@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import RESULTS, gateway, run_vllm_bench, scrape, worker
-from engine.models import default_models_dir
+from engine.demo_models import default_models_dir
 
 PROFILES = ("cpu-baseline", "cpu-demo")
 SPEC_COUNTERS = {

@@ -13,9 +13,9 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from engine.config import find_profile, render
+from engine.demo_models import build_demo_models, default_models_dir
 from engine.launch import WorkerProcess, say
-from engine.models import build_demo_models, default_models_dir
+from engine.profiles import find_profile, render
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.config import WorkerCommand
+from engine.profiles import WorkerCommand
 
 STOP_GRACE_S = 15.0
 

@@ -7,8 +7,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.config import EngineProfile, render
 from engine.launch import EngineStartError, WorkerProcess, say
+from engine.profiles import EngineProfile, render
 
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 START_TIMEOUT_S = 600.0

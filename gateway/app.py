@@ -16,22 +16,22 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.admission import Admission
-from gateway.api import FORWARDING_ROUTES, router
-from gateway.auth import ApiKeyMiddleware
-from gateway.dispatch import Dispatcher
-from gateway.drain import Drainer
+from gateway.admission.admission import Admission
+from gateway.admission.shutdown import Drainer
+from gateway.api.forwarding import FORWARDING_ROUTES, router
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
-from gateway.eventstream import TRANSPORT_SEND
-from gateway.hotroutes import Endpoint, HotRoutes, wrapped_in
-from gateway.metrics import Metrics
-from gateway.pool import PoolTiming, WorkerPool
-from gateway.requestid import HEADER as REQUEST_ID_HEADER
-from gateway.requestid import RequestIdMiddleware
+from gateway.middleware.auth import ApiKeyMiddleware
+from gateway.middleware.fast_routes import Endpoint, HotRoutes, wrapped_in
+from gateway.middleware.request_id import HEADER as REQUEST_ID_HEADER
+from gateway.middleware.request_id import RequestIdMiddleware
+from gateway.observability.metrics import Metrics
 from gateway.services import Services
 from gateway.settings import GatewaySettings
-from gateway.upstream import Upstream
-from gateway.workerclients import worker_clients
+from gateway.streaming.response import TRANSPORT_SEND
+from gateway.upstream.calls import Upstream
+from gateway.upstream.transports import worker_clients
+from gateway.workers.dispatch import Dispatcher
+from gateway.workers.pool import PoolTiming, WorkerPool
 
 logger = logging.getLogger("specgate.gateway")
 
@@ -39,8 +39,9 @@ CLIENT_CLOSED_STATUS = 499
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with the server's own `send` kept in the scope for response bodies (gateway/eventstream.py), and
-    POSTs to the forwarding routes served off Starlette's routing and exception middleware (gateway/hotroutes.py)."""
+    """FastAPI, with the server's own `send` kept in the scope for response bodies (streaming/response.py), and
+    POSTs to the forwarding routes served off Starlette's routing and exception middleware
+    (middleware/fast_routes.py)."""
 
     def __init__(self, hot_routes: Mapping[str, Endpoint], drainer: Drainer, **kwargs: Any) -> None:
         super().__init__(**kwargs)

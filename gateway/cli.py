@@ -17,7 +17,7 @@ def _gateway_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="gateway YAML (configs/gateway.yaml)")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8000)")
-    # Named, not imported from gateway.routing: that import costs every command half a second.
+    # Named, not imported from gateway.workers.routing: that import costs every command half a second.
     parser.add_argument("--routing", help=f"the default routing policy: {' | '.join(ROUTING_POLICIES)}")
     parser.add_argument("--log-level", dest="log_level")
 
@@ -98,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI's last word: one readable line, not a traceback
-        from engine.config import ProfileError
         from engine.launch import EngineStartError
+        from engine.profiles import ProfileError
 
         if isinstance(exc, (ProfileError, EngineStartError, FileNotFoundError)):
             print(f"specgate: {exc}", file=sys.stderr)
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
-    from gateway.serve import serve
+    from gateway.server import serve
     from gateway.settings import load_settings
 
     settings = load_settings(
@@ -129,7 +129,7 @@ def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
 
 
 def _models_dir(args: argparse.Namespace) -> Path:
-    from engine.models import default_models_dir
+    from engine.demo_models import default_models_dir
 
     return args.models_dir or default_models_dir()
 
@@ -137,7 +137,7 @@ def _models_dir(args: argparse.Namespace) -> Path:
 def _run_up(args: argparse.Namespace) -> int:
     import signal
 
-    from engine.config import find_profile
+    from engine.profiles import find_profile
     from engine.supervisor import Supervisor
 
     def stop_on_sigterm(signum: int, frame: object) -> None:
@@ -149,7 +149,7 @@ def _run_up(args: argparse.Namespace) -> int:
     profile = find_profile(args.profile)
     models_dir = _models_dir(args)
     if "{models_dir}" in profile.model:
-        from engine.models import build_demo_models
+        from engine.demo_models import build_demo_models
 
         build_demo_models(models_dir)
     supervisor = Supervisor(profile, args.workers, args.worker_port, models_dir, args.log_dir)
@@ -172,7 +172,7 @@ def _run_up(args: argparse.Namespace) -> int:
 def _run_engine(args: argparse.Namespace) -> int:
     import os
 
-    from engine.config import find_profile, render
+    from engine.profiles import find_profile, render
 
     profile = find_profile(args.profile)
     command = render(profile, host=args.host, port=args.port, models_dir=_models_dir(args))
@@ -184,7 +184,7 @@ def _run_engine(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     import shlex
 
-    from engine.config import find_profile, render
+    from engine.profiles import find_profile, render
 
     profile = find_profile(args.profile)
     command = render(profile, host="0.0.0.0", port=args.port, models_dir=_models_dir(args), python="python")
@@ -195,7 +195,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from engine.models import build_demo_models
+    from engine.demo_models import build_demo_models
 
     if args.models_command == "path":
         print(_models_dir(args))

@@ -21,7 +21,7 @@ body that stalls, and answers malformed framing with a plain-text 400. `EdgeProt
 Contract: pass `edge_protocol(limits)` as `uvicorn.Config(http=...)`. Only request-parsing callbacks do work:
 one `loop.call_later` handle per connection, armed at a head's start and cancelled when its request has been
 read, and re-armed lazily (a body chunk only stores the time). The response path, uvicorn's
-`RequestResponseCycle` (which gateway/directwrite.py relies on), is uvicorn's own and unchanged. Written against
+`RequestResponseCycle` (streaming/uvicorn_fast_path.py relies on it), is uvicorn's own and unchanged. Written against
 the uvicorn versions in `TESTED_UVICORN`; tests/unit/test_edge.py fails on any other.
 """
 

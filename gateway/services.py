@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from gateway.admission import Admission
-from gateway.dispatch import Dispatcher
-from gateway.drain import Drainer
-from gateway.metrics import Metrics
-from gateway.pool import WorkerPool
+from gateway.admission.admission import Admission
+from gateway.admission.shutdown import Drainer
+from gateway.observability.metrics import Metrics
 from gateway.settings import GatewaySettings
-from gateway.upstream import Upstream
+from gateway.upstream.calls import Upstream
+from gateway.workers.dispatch import Dispatcher
+from gateway.workers.pool import WorkerPool
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Load generator transport: streaming POSTs over keep-alive HTTP/1.1 connections, each body read timed where it
-lands (the connection's read callback), on gateway/workerconnection.py's httptools protocol.
+lands (the connection's read callback), on gateway/upstream/http1/connection.py's httptools protocol.
 
 Why not aiohttp, as `vllm bench serve` uses: per SSE event aiohttp's client runs its parser's callbacks, its
 StreamReader's buffer and waiter, and a wake-up of the request's task; at 300 streams of 10 ms gaps that cost
@@ -15,9 +15,9 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
-from gateway.workerconnection import WorkerConnection, WorkerHungUp
-from gateway.workerhttp import Sink
-from gateway.workerwire import HttpUrl, connect, take_idle
+from gateway.upstream.client import Sink
+from gateway.upstream.http1.client import HttpUrl, connect, take_idle
+from gateway.upstream.http1.connection import WorkerConnection, WorkerHungUp
 
 CONNECT_TIMEOUT_S = 10.0
 _SET_HERE = frozenset(("host", "content-type", "content-length", "accept-encoding", "transfer-encoding"))

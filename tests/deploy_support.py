@@ -54,8 +54,8 @@ def gateway_metrics() -> dict[str, frozenset[str]]:
     from prometheus_client.metrics import MetricWrapperBase
     from prometheus_client.parser import text_string_to_metric_families
 
-    from gateway.histograms import BatchHistogram
-    from gateway.metrics import Metrics
+    from gateway.observability.histograms import BatchHistogram
+    from gateway.observability.metrics import Metrics
 
     metrics = Metrics()
     for family in vars(metrics).values():

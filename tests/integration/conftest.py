@@ -13,9 +13,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.config import find_profile, render
+from engine.demo_models import build_demo_models, default_models_dir
 from engine.launch import WorkerProcess, say
-from engine.models import build_demo_models, default_models_dir
+from engine.profiles import find_profile, render
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.support import free_port, serve_in_thread

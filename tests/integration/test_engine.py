@@ -76,8 +76,8 @@ def test_tensor_parallel_2_worker_serves_through_the_gateway(models_dir: Path, l
 
 
 def test_a_worker_that_cannot_start_reports_its_log_tail(tmp_path: Path) -> None:
-    from engine.config import WorkerCommand
     from engine.launch import EngineStartError
+    from engine.profiles import WorkerCommand
 
     command = WorkerCommand([sys.executable, "-c", "import sys; print('bad model path'); sys.exit(3)"], {})
     worker = WorkerProcess(command, free_port(), tmp_path / "w.log", name="broken")

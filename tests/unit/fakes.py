@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.workerhttp import Read, WorkerReply
+from gateway.upstream.client import Read, WorkerReply
 from tests.support import free_port, serve_in_thread, wait_until
 
 __all__ = ["free_port", "serve_in_thread", "wait_until"]

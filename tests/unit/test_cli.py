@@ -12,7 +12,7 @@ from gateway.cli import main
 
 def test_gateway_imports_neither_vllm_nor_torch() -> None:
     code = (
-        "import sys, gateway.app, gateway.cli, gateway.serve, engine.config, engine.launch, engine.supervisor;"
+        "import sys, gateway.app, gateway.cli, gateway.server, engine.profiles, engine.launch, engine.supervisor;"
         "heavy = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules];"
         "sys.exit(str(heavy) if heavy else 0)"
     )
@@ -50,6 +50,6 @@ def test_models_path_honours_the_environment(
 
 def test_the_routing_flag_names_every_policy() -> None:
     from gateway.cli import ROUTING_POLICIES
-    from gateway.routing import POLICIES
+    from gateway.workers.routing import POLICIES
 
     assert sorted(ROUTING_POLICIES) == sorted(POLICIES)

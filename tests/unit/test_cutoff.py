@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.cutoff import DeadlinePassed, WaitGuard, WaitTooLong
+from gateway.admission.deadlines import DeadlinePassed, WaitGuard, WaitTooLong
 
 
 async def _value_after(delay_s: float, value: str = "done") -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engine.config import EngineProfile, WorkerCommand, find_profile, render
+from engine.profiles import EngineProfile, WorkerCommand, find_profile, render
 from tests.deploy_support import (
     COMPOSE_FILE,
     DOCKERFILES,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import find_profile
+from engine.profiles import find_profile
 from tests.deploy_support import (
     COMPOSE_FILE,
     DOCKERFILES,

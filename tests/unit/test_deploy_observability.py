@@ -173,7 +173,7 @@ def test_every_label_a_query_uses_exists_on_its_series() -> None:
 
 
 def test_gateway_metric_inventory_matches_design() -> None:
-    """The inventory comes from gateway.metrics itself; these are the names DESIGN.md promises."""
+    """The inventory comes from gateway.observability.metrics itself; these are the names DESIGN.md promises."""
     names = set(gateway_metrics())
     for histogram in ("time_to_first_token_seconds", "time_between_tokens_seconds", "inter_chunk_seconds",
                       "e2e_seconds", "output_tokens_per_second", "upstream_ttft_seconds", "queue_seconds",

@@ -1,4 +1,4 @@
-"""Events written from the worker connection's read callback (gateway/directwrite.py), under real uvicorn."""
+"""Events written from the worker connection's read callback (streaming/uvicorn_fast_path.py), under real uvicorn."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.directwrite import DirectBodyWriter
+from gateway.streaming.uvicorn_fast_path import DirectBodyWriter
 from tests.unit.fakes import DONE, MODEL, SlowWorker, chat_chunk, gateway_over, vllm_stream
 
 STREAM = {
@@ -119,7 +119,7 @@ def test_a_client_that_reads_slowly_gets_every_byte_in_order_across_direct_and_t
 
 
 def test_no_direct_writer_for_other_servers_or_before_the_start() -> None:
-    from gateway.directwrite import direct_body_writer
+    from gateway.streaming.uvicorn_fast_path import direct_body_writer
 
     async def plain_send(message: Any) -> None:
         pass
@@ -146,11 +146,11 @@ def test_reads_the_client_cannot_take_now_and_the_stream_end_come_through_the_ta
     import asyncio
     from typing import cast
 
-    from gateway.metrics import RequestRecord
-    from gateway.relay import Relay, UsageFilter
-    from gateway.sse import Event, EventSplitter
-    from gateway.upstream import OpenStream
-    from gateway.workerhttp import Sink, WorkerReply
+    from gateway.observability.metrics import RequestRecord
+    from gateway.streaming.stream import Relay, UsageFilter
+    from gateway.upstream.calls import OpenStream
+    from gateway.upstream.client import Sink, WorkerReply
+    from gateway.upstream.sse import Event, EventSplitter
 
     role, first, second, third, fourth, usage = vllm_stream([1, 1, 1, 1])[:6]
     # What the worker connection's callback gets, one network read each; the third event is split in two.
@@ -217,10 +217,10 @@ def test_a_closing_transport_or_a_paused_client_is_not_writable() -> None:
 
 
 class FlushSpy:
-    """Records each joined write (gateway/directwrite.py, `writes_joined`) as it goes to the transport."""
+    """Records each joined write (streaming/uvicorn_fast_path.py, `writes_joined`) as it goes to the transport."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from gateway import directwrite
+        from gateway.streaming import uvicorn_fast_path as directwrite
 
         self.flushed: list[bytes] = []
         flush = directwrite._HeldWrites.flush
@@ -263,13 +263,13 @@ def test_a_stream_whole_in_its_first_read_reaches_a_client_that_asked_to_close()
 
 
 class OpenSpy:
-    """Records each response opened from outside its task (gateway/directwrite.py, `ResponseOpener.open`), and
+    """Records each response opened from outside its task (streaming/uvicorn_fast_path.py, `ResponseOpener.open`), and
     whether a worker connection's read callback was running it."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import sys
 
-        from gateway import directwrite
+        from gateway.streaming import uvicorn_fast_path as directwrite
 
         self.from_read_callback: list[bool] = []
         open_response = directwrite.ResponseOpener.open
@@ -280,7 +280,7 @@ class OpenSpy:
                 callers.append((frame.f_code.co_name, frame.f_code.co_filename))
                 frame = frame.f_back  # type: ignore[assignment]
             self.from_read_callback.append(
-                any(name == "data_received" and path.endswith("workerconnection.py") for name, path in callers)
+                any(name == "data_received" and path.endswith("http1/connection.py") for name, path in callers)
             )
             return open_response(opener, body)
 

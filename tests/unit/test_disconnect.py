@@ -148,7 +148,7 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.anyio
 async def test_client_watch_turns_only_the_clients_leaving_into_client_disconnected() -> None:
-    from gateway.disconnect import ClientWatch
+    from gateway.admission.client_watch import ClientWatch
     from gateway.errors import ClientDisconnected
 
     messages: asyncio.Queue[dict[str, str]] = asyncio.Queue()
@@ -180,7 +180,7 @@ async def test_client_watch_turns_only_the_clients_leaving_into_client_disconnec
 
 @pytest.mark.anyio
 async def test_a_stopped_watch_ignores_the_disconnect_uvicorn_reports_after_the_response() -> None:
-    from gateway.disconnect import ClientWatch
+    from gateway.admission.client_watch import ClientWatch
 
     messages: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     watch = ClientWatch(messages.get)

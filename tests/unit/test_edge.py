@@ -304,7 +304,7 @@ def test_keep_alive_requests_are_unaffected_and_each_head_gets_its_own_deadline(
         error = refused(sock, 408, "header_timeout")
         assert time.monotonic() - started >= HEADER_TIMEOUT_S * 0.9
     assert "was not complete" in error["message"]
-    # gateway/directwrite.py writes streamed bodies straight to uvicorn's RequestResponseCycle: still that.
+    # streaming/uvicorn_fast_path.py writes streamed bodies straight to uvicorn's RequestResponseCycle: still that.
     assert edge.app.cycle_types and set(edge.app.cycle_types) == {"RequestResponseCycle"}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ProfileError, find_profile, load_profile, profiles_dir, render
+from engine.profiles import ProfileError, find_profile, load_profile, profiles_dir, render
 from engine.supervisor import NO_BINDING, cpu_binding, cpu_threads
 
 MODELS = Path("/models")

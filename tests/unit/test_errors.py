@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.errors import GatewayError, UpstreamFailed, UpstreamTimeout
-from gateway.upstream import map_transport_error
+from gateway.upstream.calls import map_transport_error
 from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, chat_chunk, gateway_client, mock_transport, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -295,8 +295,8 @@ def test_transport_errors_say_what_happened_to_the_worker_connection(
 
 
 async def test_a_worker_port_with_nothing_listening_is_a_failed_connect_over_the_default_client() -> None:
-    from gateway.upstream import Upstream
-    from gateway.workerclients import worker_clients
+    from gateway.upstream.calls import Upstream
+    from gateway.upstream.transports import worker_clients
     from tests.support import free_port
 
     url = f"http://127.0.0.1:{free_port()}"

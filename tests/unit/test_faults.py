@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.admission.deadlines import FirstTokenBudget
 from gateway.app import create_app
-from gateway.cutoff import FirstTokenBudget
 from tests.unit.fakes import (
     CHAT,
     DONE,
@@ -274,7 +274,7 @@ class FirstReadClient:
         self.closed = False
 
     async def post(self, worker_url: str, path: str, body: bytes, request_id: str, streaming: bool) -> Any:
-        from gateway.workerhttp import Sink, WorkerReply
+        from gateway.upstream.client import Sink, WorkerReply
 
         async def read() -> bytes:
             return b""
@@ -310,7 +310,7 @@ def _recorded(sent: list[bytes]) -> Any:
 @pytest.mark.anyio
 async def test_a_first_read_after_the_first_token_deadline_does_not_reach_the_client() -> None:
     from gateway.errors import UpstreamTimeout
-    from gateway.upstream import Upstream
+    from gateway.upstream.calls import Upstream
 
     # The deadline's cancel may be on its way to the task when the read arrives: sent to the client then, the
     # stream would be retried on another worker with the first worker's bytes already out.
@@ -325,7 +325,7 @@ async def test_a_first_read_after_the_first_token_deadline_does_not_reach_the_cl
 
 @pytest.mark.anyio
 async def test_a_first_read_sent_to_the_client_ends_the_first_token_deadline() -> None:
-    from gateway.upstream import Upstream
+    from gateway.upstream.calls import Upstream
 
     # Taken at 0.1 s of a 0.2 s deadline, the reader back at 0.4 s: from the first bytes out, no retry elsewhere.
     quick = FirstReadClient(arrives_s=0.1, reader_back_s=0.3)

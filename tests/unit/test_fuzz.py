@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from gateway.app import create_app
-from gateway.serve import server_config
+from gateway.server import server_config
 from tests.unit.fakes import MODEL, SlowWorker, free_port, serve_in_thread, settings_for, vllm_stream
 
 SEED = 20261207
@@ -89,8 +89,10 @@ def _framing_and_head_corpus() -> list[bytes]:
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-length: abc\r\n\r\n" + ok,
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-length: -5\r\n\r\n" + ok,
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-length: 5\r\ncontent-length: 7\r\n\r\n" + ok,
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n" + ok + b"\r\n0\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n"
+        b"\r\n0\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n" + ok
+        + b"\r\n0\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ntransfer-encoding: gzip\r\n\r\n" + ok,
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-length: 99999999999999999999999\r\n\r\n",
         b"NOT A REQUEST\r\n\r\n",

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.histograms import BatchHistogram
+from gateway.observability.histograms import BatchHistogram
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 

@@ -10,9 +10,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway import api
-from gateway.hotroutes import HotRoutes
-from gateway.protocol import OpenAICall
+from gateway.api import forwarding as api
+from gateway.middleware.fast_routes import HotRoutes
+from gateway.schemas import OpenAICall
 from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, gateway_client, mock_transport, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -109,7 +109,7 @@ async def test_an_unexpected_error_on_another_route_is_a_500_that_keeps_the_requ
 
 async def test_a_response_started_through_the_scope_whose_client_then_left_ends_quietly() -> None:
     from gateway.errors import ClientDisconnected
-    from gateway.hotroutes import APP_SEND
+    from gateway.middleware.fast_routes import APP_SEND
 
     sent: list[Message] = []
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from gateway import relay as relay_module
 from gateway.services import Services
+from gateway.streaming import stream as relay_module
 from tests.unit.fakes import (
     CHAT,
     MODEL,

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from gateway.metrics import TOKEN_GAP_BUCKETS, TOKENS_PER_CHUNK_BUCKETS, Metrics, RequestRecord
-from gateway.relay import Relay, UsageFilter
-from gateway.sse import Event, EventSplitter
-from gateway.upstream import OpenStream
-from gateway.workerhttp import reader_of
+from gateway.observability.metrics import TOKEN_GAP_BUCKETS, TOKENS_PER_CHUNK_BUCKETS, Metrics, RequestRecord
+from gateway.streaming.stream import Relay, UsageFilter
+from gateway.upstream.calls import OpenStream
+from gateway.upstream.client import reader_of
+from gateway.upstream.sse import Event, EventSplitter
 from tests.unit.fakes import reply_of, vllm_stream
 
 pytestmark = pytest.mark.anyio

@@ -155,11 +155,11 @@ async def test_worker_requests_carry_identity_encoding_json_and_the_timeouts_of_
 
 
 async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counted() -> None:
-    from gateway.metrics import RequestRecord
-    from gateway.relay import Relay, UsageFilter
-    from gateway.sse import Event, EventSplitter
-    from gateway.upstream import OpenStream
-    from gateway.workerhttp import reader_of
+    from gateway.observability.metrics import RequestRecord
+    from gateway.streaming.stream import Relay, UsageFilter
+    from gateway.upstream.calls import OpenStream
+    from gateway.upstream.client import reader_of
+    from gateway.upstream.sse import Event, EventSplitter
 
     role, first, second, third, usage, done = vllm_stream([1, 2, 1])
     reads = [second + third, usage + done]
@@ -216,9 +216,9 @@ async def test_a_stream_is_read_straight_from_the_connection_over_the_default_an
 
     import aiohttp
 
-    from gateway.upstream import Upstream
-    from gateway.workerclients import worker_clients
-    from gateway.workerconnection import WorkerConnection
+    from gateway.upstream.calls import Upstream
+    from gateway.upstream.http1.connection import WorkerConnection
+    from gateway.upstream.transports import worker_clients
     from tests.support import serve_in_thread
     from tests.unit.fakes import SlowWorker
 

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from gateway.pool import Worker
-from gateway.protocol import OpenAICall, validate_call
-from gateway.routing import PowerOfTwo, PrefixAware, PrefixIndex, SessionAffinity, block_hashes, make_policy
+from gateway.schemas import OpenAICall, validate_call
+from gateway.workers.pool import Worker
+from gateway.workers.routing import PowerOfTwo, PrefixAware, PrefixIndex, SessionAffinity, block_hashes, make_policy
 
 
 def _workers(count: int) -> list[Worker]:

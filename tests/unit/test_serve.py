@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.serve import logging_off_the_loop
+from gateway.server import logging_off_the_loop
 
 
 class StuckHandler(logging.Handler):
@@ -61,7 +61,7 @@ def _turns_to_accept(handle_count: int, clients: int = 32) -> int:
     import uvicorn
     import uvloop
 
-    from gateway.serve import listening_handles
+    from gateway.server import listening_handles
 
     handles = listening_handles(uvicorn.Config(app="unused:app", host="127.0.0.1", port=0), handle_count)
     handles[0].listen(clients)
@@ -104,7 +104,7 @@ def _turns_to_accept(handle_count: int, clients: int = 32) -> int:
 
 
 def test_a_busy_loop_lets_a_burst_of_new_connections_in_within_a_few_turns() -> None:
-    from gateway.serve import ACCEPT_HANDLES
+    from gateway.server import ACCEPT_HANDLES
 
     # One handle: libuv takes one connection per turn, so the burst needs a turn per connection.
     assert _turns_to_accept(1) >= 32

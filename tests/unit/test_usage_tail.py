@@ -6,9 +6,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.metrics import RequestRecord
-from gateway.relay import UsageFilter
-from gateway.sse import Event, usage_tail
+from gateway.observability.metrics import RequestRecord
+from gateway.streaming.stream import UsageFilter
+from gateway.upstream.sse import Event, usage_tail
 
 HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"demo",'
 

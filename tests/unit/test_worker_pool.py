@@ -6,10 +6,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from gateway.discovery import resolve
-from gateway.loadsignals import parse_load
-from gateway.metrics import Metrics
-from gateway.pool import PoolTiming, Worker, WorkerPool
+from gateway.observability.metrics import Metrics
+from gateway.workers.discovery import resolve
+from gateway.workers.load import parse_load
+from gateway.workers.pool import PoolTiming, Worker, WorkerPool
 from tests.unit.fakes import CHAT, ScriptedWorker, gateway_client, mock_transport, settings_for
 
 

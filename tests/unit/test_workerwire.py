@@ -1,4 +1,4 @@
-"""The default worker client (gateway/workerwire.py, workerconnection.py) on real sockets: reuse, flow, failures."""
+"""The default worker client (gateway/upstream/http1/) on real sockets: reuse, flow, failures."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import socket
 
 import pytest
 
-from gateway import workerwire
-from gateway.upstream import map_transport_error
-from gateway.workerconnection import (
+from gateway.upstream.calls import map_transport_error
+from gateway.upstream.http1 import client as workerwire
+from gateway.upstream.http1.client import build_target
+from gateway.upstream.http1.connection import (
     HIGH_WATER,
     WorkerBadResponse,
     WorkerBodyCut,
@@ -18,7 +19,6 @@ from gateway.workerconnection import (
     WorkerReadTimeout,
     WorkerUnreachable,
 )
-from gateway.workerwire import build_target
 from tests.unit.wirefakes import STREAM_HEAD, chunk, client, events_handler, read_body, read_request, serving
 
 pytestmark = pytest.mark.anyio

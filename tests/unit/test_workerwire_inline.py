@@ -1,4 +1,4 @@
-"""Reads handed to a sink from the worker connection's read callback (gateway/workerconnection.py, inline
+"""Reads handed to a sink from the worker connection's read callback (gateway/upstream/http1/connection.py, inline
 reads), on real sockets."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from gateway.workerconnection import WorkerBadResponse
+from gateway.upstream.http1.connection import WorkerBadResponse
 from tests.unit.wirefakes import STREAM_HEAD, chunk, client, read_body, read_request, serving
 
 pytestmark = pytest.mark.anyio

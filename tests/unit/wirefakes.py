@@ -1,4 +1,4 @@
-"""Loopback HTTP/1.1 workers written on asyncio streams, for the worker client's tests (gateway/workerwire.py)."""
+"""Loopback HTTP/1.1 workers written on asyncio streams, for the worker client's tests (upstream/http1/)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from gateway.workerwire import WireWorkerClient
+from gateway.upstream.http1.client import WireWorkerClient
 from tests.unit.fakes import settings_for
 
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -9,7 +9,7 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 from gateway.settings import GatewaySettings
-from gateway.workerhttp import (
+from gateway.upstream.client import (
     AiohttpWorkerClient,
     HttpxWorkerClient,
     WorkerClient,
@@ -17,7 +17,7 @@ from gateway.workerhttp import (
     client_timeout,
     httpcore_transport,
 )
-from gateway.workerwire import WireWorkerClient
+from gateway.upstream.http1.client import WireWorkerClient
 
 
 @contextlib.asynccontextmanager

@@ -10,8 +10,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from gateway.pool import Worker
-from gateway.protocol import OpenAICall
+from gateway.schemas import OpenAICall
+from gateway.workers.pool import Worker
 
 LoadOf = Callable[[Worker], float]
 

@@ -3,7 +3,7 @@
 Every relayed event used to take the request's task through a wake-up, the relay's generator, the response's
 send loop and the server's `send` coroutine before one `transport.write`. While the client takes bytes as
 fast as they come, none of that decides anything: the relay can frame the chunk and write it from the worker
-connection's own `data_received` (gateway/workerconnection.py, `read_inline`), and the task only wakes for what
+connection's own `data_received` (gateway/upstream/http1/connection.py, `read_inline`), and the task only wakes for what
 needs it (the stream's end, an error, a client that has stopped reading, a worker that failed).
 
 This writes as uvicorn's HTTP/1.1 server (its httptools protocol, the one the gateway serves with) writes a

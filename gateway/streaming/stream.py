@@ -7,12 +7,12 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
-from gateway.directwrite import DirectBodyWriter, ResponseOpener
 from gateway.errors import GatewayError, UpstreamFailed
-from gateway.metrics import RequestRecord, token_count
-from gateway.sse import SEPARATOR, Event, EventSplitter, UsageTail, encode_data, usage_tail
-from gateway.upstream import TRANSPORT_ERRORS, OpenStream
-from gateway.workerhttp import Sink
+from gateway.observability.metrics import RequestRecord, token_count
+from gateway.streaming.uvicorn_fast_path import DirectBodyWriter, ResponseOpener
+from gateway.upstream.calls import TRANSPORT_ERRORS, OpenStream
+from gateway.upstream.client import Sink
+from gateway.upstream.sse import SEPARATOR, Event, EventSplitter, UsageTail, encode_data, usage_tail
 
 logger = logging.getLogger("specgate.relay")
 
@@ -46,7 +46,7 @@ class UsageFilter:
         return 0
 
     def take_tail(self, tail: UsageTail, record: RequestRecord) -> tuple[bytes, int] | None:
-        """A content chunk read from its usage (`gateway.sse.usage_tail`): the bytes the client gets and the new
+        """A content chunk read from its usage (`upstream.sse.usage_tail`): the bytes the client gets and the new
         tokens it carries; None, with nothing counted, if it carries no new token (the whole parse then takes it,
         as it takes every event that is not plainly one more token or more)."""
         raw, at, usage = tail
@@ -157,7 +157,7 @@ class Relay:
 
     def write_directly(self, writer: DirectBodyWriter) -> None:
         """From now on, events that arrive while the stream waits go to `writer` from the worker's read callback
-        (gateway/directwrite.py); the stream's end, errors and a paused client still come through `events()`."""
+        (uvicorn_fast_path.py); the stream's end, errors and a paused client still come through `events()`."""
         self._writer = writer
 
     def opening(self) -> bytes | None:

@@ -15,10 +15,9 @@ from fastapi.responses import Response
 from prometheus_client import Gauge
 from starlette.types import Scope
 
-from gateway.admission import Ticket
-from gateway.auth import bearer_token, token_matches
-from gateway.cutoff import DeadlinePassed, WaitGuard
-from gateway.disconnect import ClientWatch
+from gateway.admission.admission import Ticket
+from gateway.admission.client_watch import ClientWatch
+from gateway.admission.deadlines import DeadlinePassed, WaitGuard
 from gateway.errors import (
     AuthenticationFailed,
     ClientDisconnected,
@@ -28,14 +27,15 @@ from gateway.errors import (
     ShuttingDown,
     UpstreamTimeout,
 )
-from gateway.eventstream import RelayEventStream
-from gateway.hotroutes import Endpoint
-from gateway.metrics import RequestRecord, token_count
-from gateway.pool import Worker
-from gateway.protocol import Kind, OpenAICall, parse_json_body, validate_call
-from gateway.relay import DISCONNECTED_STATUS, Relay, UsageFilter
+from gateway.middleware.auth import bearer_token, token_matches
+from gateway.middleware.fast_routes import Endpoint
+from gateway.observability.metrics import RequestRecord, token_count
+from gateway.schemas import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.services import Services, get_services, services_of
-from gateway.upstream import OpenStream
+from gateway.streaming.response import RelayEventStream
+from gateway.streaming.stream import DISCONNECTED_STATUS, Relay, UsageFilter
+from gateway.upstream.calls import OpenStream
+from gateway.workers.pool import Worker
 
 logger = logging.getLogger("specgate.api")
 router = APIRouter()
@@ -59,7 +59,7 @@ async def completions(request: Request) -> Response:
     return await forward(request, services_of(request), "completion", COMPLETIONS_PATH)
 
 
-# POSTs to the forwarding routes skip Starlette's routing and exception middleware (gateway/hotroutes.py);
+# POSTs to the forwarding routes skip Starlette's routing and exception middleware (gateway/middleware/fast_routes.py);
 # in the route table too, as plain Starlette routes (no dependency solving), for the full stack's answers to
 # other methods on these paths.
 FORWARDING_ROUTES: Mapping[str, Endpoint] = MappingProxyType({

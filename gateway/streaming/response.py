@@ -3,12 +3,12 @@
 Profiles (loadtest/results/profile.md) showed sse-starlette's per-stream costs: an anyio cancel scope around
 every write, a task group of four tasks per response, and, under load, the event-loop turns that every hand-off
 between those tasks adds to the time to first token. Here the stream is sent from the request's own task, the
-client is watched by the request's one ClientWatch (gateway/disconnect.py), and one watchdog timer bounds the
-writes (gateway/cutoff.py). Pings start from a timer: most streams end before their first ping is due, and a
+client is watched by the request's one ClientWatch (admission/client_watch.py), and one watchdog timer bounds the
+writes (admission/deadlines.py). Pings start from a timer: most streams end before their first ping is due, and a
 task per stream that sleeps and is cancelled at the end cost ~2 % of the CPU with short requests. The send
 lock only orders pings against the stream's last write, so a stream that never pinged ends without it (taking
 an anyio lock costs an event-loop turn). sse-starlette's shutdown listener is not started: the gateway's
-drainer ends streams on shutdown with an error event (gateway/drain.py). The event framing, ping messages,
+drainer ends streams on shutdown with an error event (gateway/admission/shutdown.py). The event framing, ping messages,
 ping loop and send lock are sse-starlette's.
 
 The response start goes through the whole middleware chain (it stamps the request id); the body goes straight
@@ -16,7 +16,7 @@ to the server's `send` (`TRANSPORT_SEND`, put in the scope by the app): the four
 (Starlette's error and exception middleware twice, the request id) only act on the start, and cost a
 coroutine each per event. The start and the events the stream opened on leave in one write (`writes_joined`):
 one syscall and one client wake-up less per stream. Once the start is out, the relay is handed a direct writer
-for the same response (`direct_to`, gateway/directwrite.py): events that arrive while the stream waits are
+for the same response (`direct_to`, uvicorn_fast_path.py): events that arrive while the stream waits are
 written from the worker connection's read callback, and only what that cannot write comes through this send
 loop. Where the stream opened from that callback (`inline_opener`: the head and the first events written there
 as soon as they arrived), the response only sends what follows.
@@ -35,8 +35,11 @@ from sse_starlette.event import ensure_bytes
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.cutoff import WaitGuard, WaitTooLong
-from gateway.directwrite import (
+from gateway.admission.client_watch import ClientWatch
+from gateway.admission.deadlines import WaitGuard, WaitTooLong
+from gateway.errors import ClientDisconnected
+from gateway.middleware.fast_routes import APP_SEND
+from gateway.streaming.uvicorn_fast_path import (
     DirectBodyWriter,
     ResponseOpener,
     abort_connection,
@@ -44,9 +47,6 @@ from gateway.directwrite import (
     response_opener,
     writes_joined,
 )
-from gateway.disconnect import ClientWatch
-from gateway.errors import ClientDisconnected
-from gateway.hotroutes import APP_SEND
 
 TRANSPORT_SEND = "specgate.transport_send"
 
@@ -70,7 +70,7 @@ class RelayEventStream(EventSourceResponse):
         self._pings: asyncio.Task[None] | None = None
 
     def inline_opener(self, scope: Scope) -> ResponseOpener | None:
-        """An opener that starts this response from a worker's read callback (gateway/directwrite.py), with its
+        """An opener that starts this response from a worker's read callback (uvicorn_fast_path.py), with its
         start sent through the app's `send` as `__call__` would send it; None off uvicorn's httptools server."""
         server_send, app_send = scope.get(TRANSPORT_SEND), scope.get(APP_SEND)
         if server_send is None or app_send is None:

@@ -1,4 +1,4 @@
-"""Worker HTTP stage: the default worker client, HTTP/1.1 to workers over gateway/workerconnection.py's
+"""Worker HTTP stage: the default worker client, HTTP/1.1 to workers over gateway/upstream/http1/connection.py's
 connections, with a keep-alive pool per worker.
 
 Why not aiohttp's client here: per streamed chunk it runs its protocol's `data_received`, its parser's chunk
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from gateway.settings import GatewaySettings
-from gateway.workerconnection import WorkerConnection, WorkerConnectTimeout, WorkerUnreachable
-from gateway.workerhttp import KEEPALIVE_EXPIRY_S, MAX_CACHED_URLS, WorkerReply
+from gateway.upstream.client import KEEPALIVE_EXPIRY_S, MAX_CACHED_URLS, WorkerReply
+from gateway.upstream.http1.connection import WorkerConnection, WorkerConnectTimeout, WorkerUnreachable
 
 Origin = tuple[str, str, int]  # scheme, host, port
 

@@ -15,8 +15,8 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp
 
+from gateway.admission.shutdown import Drainer
 from gateway.app import create_app
-from gateway.drain import Drainer
 from gateway.edge import EdgeLimits, edge_protocol
 from gateway.settings import GatewaySettings
 
@@ -51,7 +51,7 @@ class DrainingServer(uvicorn.Server):
         gc.collect()
         gc.freeze()
         # The requests' own objects are freed by reference counting (no request leaves a reference cycle:
-        # gateway/app.py, gateway/upstream.py, tests/unit/test_garbage.py), so collections find nothing, yet
+        # gateway/app.py, gateway/upstream/calls.py, tests/unit/test_garbage.py), so collections find nothing, yet
         # with CPython's defaults a hundred open streams set off ~15 young collections a second (2-5 ms each),
         # a middle one each second (~10 ms) and a full one every few seconds (10-50 ms), every one a pause for
         # all streams; with these thresholds only growth of the live set by 100,000 objects starts one

@@ -1,7 +1,7 @@
 """Worker HTTP stage: what a worker call returns (`WorkerReply`), and the clients over aiohttp and over httpx.
 
-The default client is gateway.workerwire's; each gives the same `WorkerReply` and raises its own errors, which
-`gateway.upstream.map_transport_error` maps onto the gateway's error tree.
+The default client is http1/client.py's; each gives the same `WorkerReply` and raises its own errors, which
+`gateway.upstream.calls.map_transport_error` maps onto the gateway's error tree.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class WorkerReply:
     headers: Mapping[str, str]  # looked up case-insensitively
     read: Read
     close: Callable[[], Awaitable[None]]
-    # Only the default client's connections (gateway.workerconnection) can hand bytes over from its read callback.
+    # Only the default client's connections (http1/connection.py) can hand bytes over from its read callback.
     read_inline: ReadInline | None = None
     read_first_inline: ReadFirstInline | None = None
 

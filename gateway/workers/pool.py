@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 
-from gateway.discovery import resolve
-from gateway.loadsignals import WorkerLoad, parse_load
-from gateway.metrics import Metrics
-from gateway.workerhttp import fetch
+from gateway.observability.metrics import Metrics
+from gateway.upstream.client import fetch
+from gateway.workers.discovery import resolve
+from gateway.workers.load import WorkerLoad, parse_load
 
 logger = logging.getLogger("specgate.pool")
 

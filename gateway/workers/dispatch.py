@@ -15,10 +15,10 @@ from gateway.errors import (
     UpstreamTimeout,
     WorkersBusy,
 )
-from gateway.metrics import Metrics, RequestRecord
-from gateway.pool import Worker, WorkerPool
-from gateway.protocol import OpenAICall
-from gateway.routing import RoutingPolicy, make_policy
+from gateway.observability.metrics import Metrics, RequestRecord
+from gateway.schemas import OpenAICall
+from gateway.workers.pool import Worker, WorkerPool
+from gateway.workers.routing import RoutingPolicy, make_policy
 
 T = TypeVar("T")
 

@@ -1,10 +1,10 @@
 """Worker HTTP stage: one HTTP/1.1 connection to a worker, an asyncio Protocol on httptools' parser, and the
-errors it raises (gateway/workerwire.py pools these connections into the default worker client).
+errors it raises (gateway/upstream/http1/client.py pools these connections into the default worker client).
 
 A connection carries one request at a time. Its body is handed out as the network delivers it; past
 `HIGH_WATER` unread bytes the socket stops being read, so a slow client holds back the worker rather than
 the gateway's memory. While a reader waits in `read_inline`, each network read's body is offered to its sink
-first (the relay writes it to the client from here, gateway/directwrite.py); `read_first_inline` does the same
+first (the relay writes it to the client from here, streaming/uvicorn_fast_path.py); `read_first_inline` does the same
 for a stream's first bytes, and lets its reader go once they are taken.
 """
 
@@ -20,7 +20,7 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict
 
-from gateway.workerhttp import Sink
+from gateway.upstream.client import Sink
 
 HIGH_WATER = 32 * 1024  # unread body bytes at which the socket stops being read
 
@@ -28,7 +28,7 @@ logger = logging.getLogger("specgate.workerconnection")
 
 
 class WorkerConnectionError(Exception):
-    """A connection to a worker failed; the subclass says how (gateway.upstream maps each onto an answer)."""
+    """A connection to a worker failed; the subclass says how (gateway.upstream.calls maps each onto an answer)."""
 
 
 class WorkerUnreachable(WorkerConnectionError):

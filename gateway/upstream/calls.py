@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import httpx
 
-from gateway.cutoff import DeadlinePassed, FirstTokenBudget, WaitGuard, WaitTooLong
+from gateway.admission.deadlines import DeadlinePassed, FirstTokenBudget, WaitGuard, WaitTooLong
 from gateway.errors import (
     GatewayError,
     NoWorkerAvailable,
@@ -20,8 +20,8 @@ from gateway.errors import (
     WorkersBusy,
 )
 from gateway.settings import GatewaySettings
-from gateway.sse import Event, EventSplitter
-from gateway.workerconnection import (
+from gateway.upstream.client import Sink, WorkerClient, WorkerReply
+from gateway.upstream.http1.connection import (
     WorkerBodyCut,
     WorkerConnectionError,
     WorkerConnectTimeout,
@@ -29,7 +29,7 @@ from gateway.workerconnection import (
     WorkerReadTimeout,
     WorkerUnreachable,
 )
-from gateway.workerhttp import Sink, WorkerClient, WorkerReply
+from gateway.upstream.sse import Event, EventSplitter
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_AFTER_S = 3600
@@ -102,7 +102,7 @@ class Upstream:
                           opening: Sink | None = None, waiting: float = 0.0) -> OpenStream:
         """Send the request and wait, within the first-token timeout, for a 200 and the first event. With
         `opening`, the first network read of the body is offered to it from the worker's read callback; taken, it
-        has gone to the client (gateway.relay, `Relay.open_inline`), the stream is open with no `first_events`, and
+        has gone to the client (`Relay.open_inline`), the stream is open with no `first_events`, and
         no other worker can be tried for this request any more."""
         sent_at = self._clock()
         limit = self._first_token.limit_s(len(body), waiting)
@@ -143,7 +143,7 @@ class Upstream:
 
     async def complete(self, worker_url: str, path: str, body: bytes, request_id: str) -> bytes:
         """A non-streaming call: the whole body of a 200 answer. The clients bound each wait for bytes; the
-        whole call, every attempt included, is bounded by the caller (`gateway.api`)."""
+        whole call, every attempt included, is bounded by the caller (`gateway.api.forwarding`)."""
         try:
             reply = await self._client.post(worker_url, path, body, request_id, False)
             try:
@@ -192,7 +192,7 @@ def _retry_after(headers: Mapping[str, str]) -> int:
 
 
 # What each client's errors mean for the worker connection, most specific first: the default client's
-# (gateway.workerconnection), aiohttp's and httpx's (the httpcore pool, tests' transports). httpx-aiohttp (the pool's
+# (http1/connection.py), aiohttp's and httpx's (the httpcore pool, tests' transports). httpx-aiohttp (the pool's
 # own calls) reports every aiohttp error as an httpx one with aiohttp's as the cause, which is then the one
 # looked up.
 ERROR_MEANINGS: tuple[tuple[tuple[type[Exception], ...], type[GatewayError], str], ...] = (

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import ClientDisconnected
 
 # The scope key under which a forwarding handler finds the `send` its response goes through (middleware and all),
-# to start that response from outside the request's task (gateway/eventstream.py, `inline_opener`).
+# to start that response from outside the request's task (gateway/streaming/response.py, `inline_opener`).
 APP_SEND = "specgate.app_send"
 
 Endpoint = Callable[[Request], Awaitable[Response]]
