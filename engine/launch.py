@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from engine.profiles import WorkerCommand
 
@@ -88,9 +88,8 @@ class WorkerProcess:
 
     def healthy(self, timeout_s: float = 1.0) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=timeout_s) as reply:
-                return bool(reply.status == 200)
-        except (urllib.error.URLError, OSError):
+            return httpx.get(self.url + "/health", timeout=timeout_s).status_code == 200
+        except httpx.HTTPError:
             return False
 
     def wait_ready(self, timeout_s: float, progress: Callable[[str], None] | None = None) -> float:

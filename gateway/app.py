@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -29,7 +28,8 @@ from gateway.services import Services
 from gateway.settings import GatewaySettings
 from gateway.streaming.response import TRANSPORT_SEND
 from gateway.upstream.calls import Upstream
-from gateway.upstream.transports import worker_clients
+from gateway.upstream.client import WorkerClient
+from gateway.upstream.http1.client import Http1WorkerClient
 from gateway.workers.dispatch import Dispatcher
 from gateway.workers.pool import PoolTiming, WorkerPool
 
@@ -80,10 +80,10 @@ def _closing_connection(send: Send) -> Send:
 
 def create_app(
     settings: GatewaySettings,
-    transport: httpx.AsyncBaseTransport | None = None,
+    worker_client: WorkerClient | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> FastAPI:
-    """The gateway as an ASGI app; `transport` replaces the network to workers (tests)."""
+    """The gateway as an ASGI app; `worker_client` replaces the network to workers (tests)."""
     drainer = Drainer(settings.shutdown_grace_s, settings.shutdown_notice_s)
     timing = PoolTiming(
         health_interval_s=settings.health_interval_s,
@@ -96,8 +96,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        async with worker_clients(settings, transport) as (worker_client, client):
-            pool = WorkerPool(settings.workers, client, metrics, clock, timing)
+        # The seam to workers: the product's HTTP/1.1 client unless the caller brings one (an in-memory client in
+        # tests); the app closes only the client it made.
+        workers = worker_client if worker_client is not None else Http1WorkerClient(settings)
+        try:
+            pool = WorkerPool(settings.workers, workers, metrics, clock, timing)
             await pool.start()
             drainer.bind(asyncio.get_running_loop())
             admission = Admission(
@@ -109,7 +112,7 @@ def create_app(
                 clock=clock,
                 metrics=metrics,
                 pool=pool,
-                upstream=Upstream(worker_client, settings, clock),
+                upstream=Upstream(workers, settings, clock),
                 admission=admission,
                 dispatcher=Dispatcher(
                     pool, settings.routing, settings.routing_per_model, metrics,
@@ -125,6 +128,9 @@ def create_app(
                 health.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await health
+        finally:
+            if worker_client is None:
+                await workers.aclose()
 
     app = GatewayApp(
         FORWARDING_ROUTES, drainer, title="specgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -43,13 +43,6 @@ class GatewaySettings(BaseSettings):
     stream_idle_timeout_s: float = Field(60.0, gt=0, description="A stream whose worker sends nothing this long ends")
     request_timeout_s: float = Field(900.0, gt=0, description="Whole non-streaming upstream call")
     max_upstream_connections: int = Field(2048, ge=1)
-    upstream_transport: Literal["httptools", "aiohttp", "httpcore"] = Field(
-        "httptools",
-        description="Client for worker requests: the gateway's own on httptools, aiohttp's, or httpx's (httpcore)",
-    )
-    upstream_keepalive_connections: int = Field(
-        20, ge=0, description="Idle connections kept for reuse (httpcore only; the others keep every idle one)"
-    )
 
     # Admission: how many requests run at once, and how many may wait and for how long.
     max_concurrency: int = Field(4096, ge=1)

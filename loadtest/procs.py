@@ -9,8 +9,9 @@ import resource
 import shutil
 import socket
 import time
-import urllib.request
 from pathlib import Path
+
+import httpx
 
 
 def pin_self(cpu: str | None) -> None:
@@ -34,11 +35,11 @@ def wait_healthy(url: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
     raise RuntimeError(f"{url} not healthy after {timeout_s}s")
 
 

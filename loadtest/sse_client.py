@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway.upstream.http1 import connection as wire
+from gateway.upstream.http1 import errors as wire
 from loadtest import records as kinds
 from loadtest.records import RequestRecord, RequestSpec
 from loadtest.wire_client import StreamClient

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from gateway.upstream.client import Sink
 from gateway.upstream.http1.client import HttpUrl, connect, take_idle
-from gateway.upstream.http1.connection import WorkerConnection, WorkerHungUp
+from gateway.upstream.http1.connection import WorkerConnection
+from gateway.upstream.http1.errors import WorkerHungUp
 
 CONNECT_TIMEOUT_S = 10.0
 _SET_HERE = frozenset(("host", "content-type", "content-length", "accept-encoding", "transfer-encoding"))

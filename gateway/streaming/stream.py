@@ -10,7 +10,7 @@ from typing import Any
 from gateway.errors import GatewayError, UpstreamFailed
 from gateway.observability.metrics import RequestRecord, token_count
 from gateway.streaming.uvicorn_fast_path import DirectBodyWriter, ResponseOpener
-from gateway.upstream.calls import TRANSPORT_ERRORS, OpenStream
+from gateway.upstream.calls import OpenStream
 from gateway.upstream.client import Sink
 from gateway.upstream.sse import SEPARATOR, Event, EventSplitter, UsageTail, encode_data, usage_tail
 
@@ -331,5 +331,5 @@ async def _read_to_end(stream: OpenStream) -> None:
         async with asyncio.timeout(BODY_END_WAIT_S):
             while await stream.reply.read():
                 pass
-    except (TimeoutError, *TRANSPORT_ERRORS):
+    except (TimeoutError, GatewayError):
         pass

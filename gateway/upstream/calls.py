@@ -6,9 +6,6 @@ import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import aiohttp
-import httpx
-
 from gateway.admission.deadlines import DeadlinePassed, FirstTokenBudget, WaitGuard, WaitTooLong
 from gateway.errors import (
     GatewayError,
@@ -21,19 +18,10 @@ from gateway.errors import (
 )
 from gateway.settings import GatewaySettings
 from gateway.upstream.client import Sink, WorkerClient, WorkerReply
-from gateway.upstream.http1.connection import (
-    WorkerBodyCut,
-    WorkerConnectionError,
-    WorkerConnectTimeout,
-    WorkerHungUp,
-    WorkerReadTimeout,
-    WorkerUnreachable,
-)
 from gateway.upstream.sse import Event, EventSplitter
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_AFTER_S = 3600
-TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError, WorkerConnectionError)
 
 
 @dataclass(eq=False)
@@ -71,8 +59,6 @@ class OpenStream:
             raise ShuttingDown() from None
         except WaitTooLong:
             raise UpstreamTimeout(f"worker sent nothing for {guard.limit_s:g}s") from None
-        except TRANSPORT_ERRORS as exc:
-            raise map_transport_error(exc) from exc
 
     def end_by(self, deadline: float) -> None:
         self.guard.end_by(deadline)
@@ -134,9 +120,6 @@ class Upstream:
                 await reply.aclose()
             if isinstance(exc, StopAsyncIteration):
                 raise UpstreamFailed("worker closed the stream before its first event") from None
-            # Before TimeoutError: aiohttp's own connect and read timeouts are both.
-            if isinstance(exc, TRANSPORT_ERRORS):
-                raise map_transport_error(exc) from exc
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout(f"no first event from the worker within {limit:g}s") from None
             raise
@@ -144,16 +127,13 @@ class Upstream:
     async def complete(self, worker_url: str, path: str, body: bytes, request_id: str) -> bytes:
         """A non-streaming call: the whole body of a 200 answer. The clients bound each wait for bytes; the
         whole call, every attempt included, is bounded by the caller (`gateway.api.forwarding`)."""
+        reply = await self._client.post(worker_url, path, body, request_id, False)
         try:
-            reply = await self._client.post(worker_url, path, body, request_id, False)
-            try:
-                if reply.status != 200:
-                    raise await _status_error(reply)
-                return await reply.body()
-            finally:
-                await reply.aclose()
-        except TRANSPORT_ERRORS as exc:
-            raise map_transport_error(exc) from exc
+            if reply.status != 200:
+                raise await _status_error(reply)
+            return await reply.body()
+        finally:
+            await reply.aclose()
 
 
 def _before(deadline: asyncio.Timeout, opening: Sink) -> Sink:
@@ -189,32 +169,3 @@ def _retry_after(headers: Mapping[str, str]) -> int:
     """A worker's Retry-After in whole seconds (at least 1); 1 when it sent none or a date."""
     value = headers.get("retry-after", "")
     return max(1, min(int(value), MAX_RETRY_AFTER_S)) if value.strip().isdigit() else 1
-
-
-# What each client's errors mean for the worker connection, most specific first: the default client's
-# (http1/connection.py), aiohttp's and httpx's (the httpcore pool, tests' transports). httpx-aiohttp (the pool's
-# own calls) reports every aiohttp error as an httpx one with aiohttp's as the cause, which is then the one
-# looked up.
-ERROR_MEANINGS: tuple[tuple[tuple[type[Exception], ...], type[GatewayError], str], ...] = (
-    ((WorkerHungUp, aiohttp.ServerDisconnectedError), UpstreamFailed, "worker closed the connection"),
-    ((WorkerBodyCut, aiohttp.ClientPayloadError), UpstreamFailed,
-     "worker closed or reset the connection mid-body ({error})"),
-    ((WorkerConnectTimeout, aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout, httpx.PoolTimeout), UpstreamFailed,
-     "could not connect to worker in time: {kind}"),
-    ((WorkerReadTimeout, aiohttp.ServerTimeoutError, httpx.TimeoutException), UpstreamTimeout,
-     "worker sent nothing in time: {kind}"),
-    ((WorkerUnreachable, aiohttp.ClientConnectorError, httpx.ConnectError), UpstreamFailed,
-     "could not connect to worker: {error}"),
-    # A socket failing under a read: a worker that reset or closed the connection.
-    ((aiohttp.ClientOSError, httpx.ReadError), UpstreamFailed,
-     "worker closed or reset the connection ({kind}: {error})"),
-)
-
-
-def map_transport_error(exc: httpx.HTTPError | aiohttp.ClientError | WorkerConnectionError) -> GatewayError:
-    cause = exc.__cause__
-    error: Exception = cause if isinstance(exc, httpx.HTTPError) and isinstance(cause, aiohttp.ClientError) else exc
-    for kinds, gateway_error, meaning in ERROR_MEANINGS:
-        if isinstance(error, kinds):
-            return gateway_error(meaning.format(kind=type(error).__name__, error=error))
-    return UpstreamFailed(f"worker connection failed: {type(error).__name__}: {error}")

@@ -8,10 +8,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import orjson
 
+from gateway.errors import GatewayError
 from gateway.observability.metrics import Metrics
-from gateway.upstream.client import fetch
+from gateway.upstream.client import WorkerClient
+from gateway.upstream.http1.errors import WorkerUnreachable
 from gateway.workers.discovery import resolve
 from gateway.workers.load import WorkerLoad, parse_load
 
@@ -69,7 +71,7 @@ class WorkerPool:
     def __init__(
         self,
         entries: Sequence[str],
-        client: httpx.AsyncClient,
+        client: WorkerClient,
         metrics: Metrics,
         clock: Callable[[], float],
         timing: PoolTiming,
@@ -122,20 +124,21 @@ class WorkerPool:
         timeout = self.timing.health_timeout_s
         try:
             # A draining worker answers 503 here and so gets no new requests.
-            health = await fetch(self._client, worker.url + "/health", timeout)
-            if health.status_code == 200:
-                listing = await fetch(self._client, worker.url + "/v1/models", timeout)
-                listing.raise_for_status()
-                worker.model_cards = {card["id"]: card for card in listing.json().get("data", [])}
+            health = await self._client.get(worker.url, "/health", timeout)
+            if health.status == 200:
+                listing = await self._client.get(worker.url, "/v1/models", timeout)
+                if listing.status != 200:
+                    raise ValueError(f"model list answered {listing.status}")
+                worker.model_cards = {card["id"]: card for card in orjson.loads(listing.body).get("data", [])}
                 for model in worker.model_cards:
                     self._metrics.prepare(model, worker.url)
                 worker.healthy, worker.health_failures = True, 0
             else:
-                self._health_failed(worker, gone=health.status_code == 503)
-        except httpx.ConnectError as exc:
+                self._health_failed(worker, gone=health.status == 503)
+        except WorkerUnreachable as exc:
             self._health_failed(worker, gone=True)
             logger.debug("health check of %s: %s", worker.url, exc)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (GatewayError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self._health_failed(worker, gone=False)
             logger.debug("health check of %s failed: %s", worker.url, exc)
         if worker.healthy != was_healthy:
@@ -150,11 +153,12 @@ class WorkerPool:
 
     async def _scrape(self, worker: Worker) -> None:
         try:
-            page = await fetch(self._client, worker.url + "/metrics", self.timing.health_timeout_s)
-            page.raise_for_status()
-        except httpx.HTTPError:
+            page = await self._client.get(worker.url, "/metrics", self.timing.health_timeout_s)
+        except GatewayError:
             return  # the load goes stale and is then ignored; health checks decide availability
-        worker.load = parse_load(page.text, self._clock())
+        if page.status != 200:
+            return
+        worker.load = parse_load(page.body.decode("utf-8", "replace"), self._clock())
         self._publish(worker)
 
     def _publish(self, worker: Worker) -> None:

@@ -1,4 +1,5 @@
-"""Test doubles for the gateway's unit tests: a scripted worker (MockTransport) and servers in threads."""
+"""Test doubles for the gateway's unit tests: scripted workers behind the in-memory worker client, and servers in
+threads."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from gateway.upstream.client import Read, WorkerReply
+from gateway.upstream.client import Read, WorkerClient, WorkerReply
+from gateway.upstream.http1.errors import WorkerBodyCut, WorkerHungUp, WorkerReadTimeout, WorkerUnreachable
+from gateway.upstream.mock import MockAnswer, MockWorkerClient, WorkerCall
 from tests.support import free_port, serve_in_thread, wait_until
 
 __all__ = ["free_port", "serve_in_thread", "wait_until"]
@@ -115,16 +118,39 @@ def reply_of(read: Read) -> WorkerReply:
     return WorkerReply(200, {"content-type": "text/event-stream"}, read, close)
 
 
-def mock_transport(*workers: ScriptedWorker) -> httpx.MockTransport:
+def mock_client(*workers: ScriptedWorker) -> MockWorkerClient:
+    """The gateway's in-memory worker client in front of scripted workers, by host: a host no worker has is
+    refused, as a port with nothing listening is."""
     by_host = {httpx.URL(worker.url).host: worker for worker in workers}
 
-    def route(request: httpx.Request) -> httpx.Response:
+    async def route(call: WorkerCall) -> MockAnswer:
+        request = httpx.Request(call.method, call.worker_url + call.path, content=call.body,
+                                headers={"x-request-id": call.request_id} if call.request_id else None)
         worker = by_host.get(request.url.host)
         if worker is None:
-            raise httpx.ConnectError("connection refused", request=request)
-        return worker.handle(request)
+            raise WorkerUnreachable(f"could not connect to worker: {request.url.host}: connection refused")
+        try:
+            response = worker.handle(request)
+        except httpx.ConnectError as exc:
+            raise WorkerUnreachable(f"could not connect to worker: {exc}") from exc
+        except httpx.TimeoutException as exc:
+            raise WorkerReadTimeout(f"worker sent nothing in time: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            raise WorkerHungUp("worker closed the connection") from exc
+        return MockAnswer(response.status_code, dict(response.headers), _body_of(response))
 
-    return httpx.MockTransport(route)
+    return MockWorkerClient(route)
+
+
+async def _body_of(response: httpx.Response) -> AsyncIterator[bytes]:
+    """A scripted response's body chunk by chunk; a transport error raised partway cuts it as a reset would."""
+    stream = response.stream
+    assert isinstance(stream, httpx.AsyncByteStream)
+    try:
+        async for chunk in stream:  # a bytes body can be sent again: a scripted answer may be reused
+            yield chunk
+    except httpx.HTTPError as exc:
+        raise WorkerBodyCut(f"worker closed or reset the connection mid-body ({type(exc).__name__})") from exc
 
 
 def settings_for(*urls: str, **overrides: Any) -> GatewaySettings:
@@ -137,10 +163,10 @@ def settings_for(*urls: str, **overrides: Any) -> GatewaySettings:
 
 @contextlib.asynccontextmanager
 async def gateway_client(
-    settings: GatewaySettings, transport: httpx.AsyncBaseTransport, **app_kwargs: Any
+    settings: GatewaySettings, worker_client: WorkerClient, **app_kwargs: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
     """The gateway app with its lifespan running, called in-process (bodies are buffered)."""
-    app = create_app(settings, transport=transport, **app_kwargs)
+    app = create_app(settings, worker_client=worker_client, **app_kwargs)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://gateway"
     ) as client:

@@ -20,6 +20,16 @@ def test_gateway_imports_neither_vllm_nor_torch() -> None:
     assert finished.returncode == 0, finished.stdout + finished.stderr
 
 
+def test_the_gateway_has_one_worker_client_and_imports_no_other() -> None:
+    code = (
+        "import sys, gateway.app, gateway.server;"
+        "others = [m for m in ('aiohttp', 'httpcore', 'httpx_aiohttp', 'httpx') if m in sys.modules];"
+        "sys.exit(str(others) if others else 0)"
+    )
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+
+
 def test_render_prints_environment_then_the_vllm_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", "--profile", "cpu-tp2", "--models-dir", "/m"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -396,12 +396,12 @@ def test_prometheus_entrypoint_writes_the_token_file_and_execs_prometheus(
 async def test_an_empty_token_file_scrapes_the_open_gateway() -> None:
     """Unset, compose passes "" to the gateway and Prometheus sends `Bearer ` (its empty file): /metrics
     stays open and ignores the header. Set, both get the same token."""
-    from tests.unit.fakes import ScriptedWorker, gateway_client, mock_transport, settings_for
+    from tests.unit.fakes import ScriptedWorker, gateway_client, mock_client, settings_for
 
     worker = ScriptedWorker()
     for token, accepted, refused in (("", "", None), (METRICS_TOKEN, METRICS_TOKEN, "")):
         settings = settings_for(worker.url, metrics_token=token)
-        async with gateway_client(settings, mock_transport(worker)) as (client, _):
+        async with gateway_client(settings, mock_client(worker)) as (client, _):
             scrape = await client.get("/metrics", headers={"authorization": f"Bearer {accepted}"})
             assert scrape.status_code == 200, token
             if refused is not None:

@@ -6,13 +6,19 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import httpx
 import pytest
 
 from gateway.errors import GatewayError, UpstreamFailed, UpstreamTimeout
-from gateway.upstream.calls import map_transport_error
-from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, chat_chunk, gateway_client, mock_transport, settings_for
+from gateway.upstream.http1.errors import (
+    WorkerBadResponse,
+    WorkerBodyCut,
+    WorkerConnectTimeout,
+    WorkerHungUp,
+    WorkerReadTimeout,
+    WorkerUnreachable,
+)
+from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, chat_chunk, gateway_client, mock_client, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +36,7 @@ def _assert_envelope(response: httpx.Response, status: int, error_type: str | No
 
 async def _post(worker: ScriptedWorker, body: object, path: str = "/v1/chat/completions", **kwargs: object
                 ) -> httpx.Response:
-    async with gateway_client(settings_for(worker.url, **kwargs), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url, **kwargs), mock_client(worker)) as (client, _):
         if isinstance(body, bytes):
             return await client.post(path, content=body, headers={"content-type": "application/json"})
         return await client.post(path, json=body)
@@ -116,7 +122,7 @@ async def test_worker_4xx_passes_through_unchanged_and_is_not_retried() -> None:
     raw = b'{"error":{"message":"prompt too long","type":"BadRequestError","param":null,"code":400}}'
     worker = ScriptedWorker(on_post=lambda r: httpx.Response(400, content=raw))
     other = ScriptedWorker(url="http://worker-b:8100", on_post=lambda r: httpx.Response(400, content=raw))
-    async with gateway_client(settings_for(worker.url, other.url), mock_transport(worker, other)) as (client, _):
+    async with gateway_client(settings_for(worker.url, other.url), mock_client(worker, other)) as (client, _):
         response = await client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 400
     assert response.content == raw
@@ -136,7 +142,7 @@ async def test_worker_5xx_on_every_worker_is_a_502_with_retry_after() -> None:
     workers = [ScriptedWorker(url=f"http://w{i}:8100", on_post=lambda r: httpx.Response(500, text="boom"))
                for i in range(2)]
     settings = settings_for(*(w.url for w in workers))
-    async with gateway_client(settings, mock_transport(*workers)) as (client, _):
+    async with gateway_client(settings, mock_client(*workers)) as (client, _):
         response = await client.post("/v1/chat/completions", json=CHAT)
     _assert_envelope(response, 502, "upstream_error")
     assert response.headers["retry-after"]
@@ -148,7 +154,7 @@ async def test_a_failing_or_busy_worker_is_retried_on_another_before_the_first_b
     bad = ScriptedWorker(url="http://bad:8100", on_post=lambda r: httpx.Response(status, text=text))
     good = ScriptedWorker(url="http://good:8100", on_post=lambda r: httpx.Response(200, json={"choices": []}))
     settings = settings_for(bad.url, good.url, routing="round_robin")
-    async with gateway_client(settings, mock_transport(bad, good)) as (client, _):
+    async with gateway_client(settings, mock_client(bad, good)) as (client, _):
         answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(4)]
     assert [a.status_code for a in answers] == [200] * 4
     assert len(good.seen) == 4
@@ -161,7 +167,7 @@ async def test_a_429_from_every_worker_is_a_429_with_the_workers_retry_after() -
         for n in range(2)
     ]
     settings = settings_for(*(w.url for w in busy), routing="round_robin")
-    async with gateway_client(settings, mock_transport(*busy)) as (client, app):
+    async with gateway_client(settings, mock_client(*busy)) as (client, app):
         response = await client.post("/v1/chat/completions", json=CHAT)
         workers = app.state.services.pool.admin_view()
     error = _assert_envelope(response, 429, "rate_limit_error")
@@ -193,7 +199,7 @@ async def test_worker_read_timeout_is_a_504() -> None:
 
 async def test_no_healthy_worker_is_a_503_with_retry_after() -> None:
     worker = ScriptedWorker(on_post=_never_called)
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, app):
         worker.healthy = False
         await app.state.services.pool.refresh()
         response = await client.post("/v1/chat/completions", json=CHAT)
@@ -229,7 +235,7 @@ async def test_stream_that_ends_without_done_is_an_error_not_a_fake_finish() -> 
 
 async def test_unknown_path_and_wrong_method_use_the_envelope() -> None:
     worker = ScriptedWorker(on_post=_never_called)
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         missing = await client.get("/v1/nothing")
         wrong = await client.get("/v1/chat/completions")
     _assert_envelope(missing, 404)
@@ -239,7 +245,7 @@ async def test_unknown_path_and_wrong_method_use_the_envelope() -> None:
 async def test_api_keys_are_required_when_configured() -> None:
     worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
     settings = settings_for(worker.url, api_keys="key-one,key-two")
-    async with gateway_client(settings, mock_transport(worker)) as (client, _):
+    async with gateway_client(settings, mock_client(worker)) as (client, _):
         missing = await client.post("/v1/chat/completions", json=CHAT)
         wrong = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer nope"})
         right = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer key-two"})
@@ -257,7 +263,7 @@ async def test_api_keys_are_required_when_configured() -> None:
 async def test_metrics_can_be_kept_for_a_bearer_token() -> None:
     worker = ScriptedWorker()
     settings = settings_for(worker.url, metrics_token="scrape-secret", api_keys="client-key")
-    async with gateway_client(settings, mock_transport(worker)) as (client, _):
+    async with gateway_client(settings, mock_client(worker)) as (client, _):
         missing = await client.get("/metrics")
         client_key = await client.get("/metrics", headers={"authorization": "Bearer client-key"})
         right = await client.get("/metrics", headers={"authorization": "Bearer scrape-secret"})
@@ -268,42 +274,41 @@ async def test_metrics_can_be_kept_for_a_bearer_token() -> None:
 
 async def test_metrics_are_open_without_a_token() -> None:
     worker = ScriptedWorker()
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         assert (await client.get("/metrics")).status_code == 200
 
 
 @pytest.mark.parametrize(
-    ("error", "kind", "phrase"),
+    ("error", "status", "error_type"),
     [
-        (httpx.ReadError(""), UpstreamFailed, "worker closed or reset the connection"),
-        (httpx.ConnectError("refused"), UpstreamFailed, "could not connect to worker"),
-        (httpx.ConnectTimeout(""), UpstreamFailed, "could not connect to worker in time"),
-        (httpx.ReadTimeout(""), UpstreamTimeout, "worker sent nothing in time"),
-        (aiohttp.ServerDisconnectedError(), UpstreamFailed, "worker closed the connection"),
-        (aiohttp.ClientPayloadError("cut"), UpstreamFailed, "worker closed or reset the connection mid-body"),
-        (aiohttp.ConnectionTimeoutError(), UpstreamFailed, "could not connect to worker in time"),
-        (aiohttp.SocketTimeoutError(), UpstreamTimeout, "worker sent nothing in time"),
-        (aiohttp.ClientOSError(104, "reset"), UpstreamFailed, "worker closed or reset the connection"),
+        (WorkerUnreachable("could not connect to worker: refused"), 502, "upstream_error"),
+        (WorkerConnectTimeout("could not connect to worker in time"), 502, "upstream_error"),
+        (WorkerHungUp("worker closed the connection"), 502, "upstream_error"),
+        (WorkerBodyCut("worker closed or reset the connection mid-body"), 502, "upstream_error"),
+        (WorkerBadResponse("unreadable answer from the worker"), 502, "upstream_error"),
+        (WorkerReadTimeout("worker sent nothing in time"), 504, "upstream_timeout"),
     ],
 )
-def test_transport_errors_say_what_happened_to_the_worker_connection(
-    error: httpx.HTTPError | aiohttp.ClientError, kind: type[GatewayError], phrase: str
+def test_the_worker_clients_errors_are_the_gateways_upstream_errors(
+    error: GatewayError, status: int, error_type: str
 ) -> None:
-    mapped = map_transport_error(error)
-    assert type(mapped) is kind
-    assert str(mapped).startswith(phrase)
+    assert isinstance(error, UpstreamTimeout if status == 504 else UpstreamFailed)
+    assert error.http_status == status and error.envelope()["error"]["type"] == error_type
 
 
 async def test_a_worker_port_with_nothing_listening_is_a_failed_connect_over_the_default_client() -> None:
     from gateway.upstream.calls import Upstream
-    from gateway.upstream.transports import worker_clients
+    from gateway.upstream.http1.client import Http1WorkerClient
     from tests.support import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     settings = settings_for(url)
-    async with worker_clients(settings) as (worker_client, _):
+    worker_client = Http1WorkerClient(settings)
+    try:
         upstream = Upstream(worker_client, settings, time.perf_counter)
         with pytest.raises(UpstreamFailed, match=r"^could not connect to worker: "):
             await upstream.open_stream(url, "/v1/chat/completions", b"{}", "r1")
         with pytest.raises(UpstreamFailed, match=r"^could not connect to worker: "):
             await upstream.complete(url, "/v1/chat/completions", b"{}", "r2")
+    finally:
+        await worker_client.aclose()

@@ -13,7 +13,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.api import forwarding as api
 from gateway.middleware.fast_routes import HotRoutes
 from gateway.schemas import OpenAICall
-from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, gateway_client, mock_transport, settings_for
+from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, gateway_client, mock_client, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +26,7 @@ async def _teapot(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def test_posts_to_forwarding_routes_bypass_the_router_and_other_methods_still_reach_it() -> None:
     worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": [], "usage": None}))
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, app):
         for route in app.router.routes:
             if isinstance(route, Route) and route.path in api.FORWARDING_ROUTES:
                 route.app = _teapot  # what the router would answer with, were it asked
@@ -48,7 +48,7 @@ async def test_an_unexpected_error_in_a_forwarding_handler_is_a_500_in_the_opena
         raise RuntimeError("a bug")
 
     worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         monkeypatch.setattr(api, "_validated_call", broken)
         failed = await client.post(api.CHAT_PATH, json=CHAT)
         monkeypatch.undo()
@@ -62,7 +62,7 @@ async def test_an_unexpected_error_in_a_forwarding_handler_is_a_500_in_the_opena
 
 async def test_api_keys_guard_the_forwarding_routes() -> None:
     worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    async with gateway_client(settings_for(worker.url, api_keys="k1"), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url, api_keys="k1"), mock_client(worker)) as (client, _):
         refused = await client.post(api.CHAT_PATH, json=CHAT)
         allowed = await client.post(api.CHAT_PATH, json=CHAT, headers={"authorization": "Bearer k1"})
     assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
@@ -98,7 +98,7 @@ async def test_an_unexpected_error_on_another_route_is_a_500_that_keeps_the_requ
         raise RuntimeError("a bug")
 
     worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (_, app):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (_, app):
         app.add_api_route("/v1/broken", broken)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:

@@ -18,7 +18,7 @@ from tests.unit.fakes import (
     STREAM,
     ScriptedWorker,
     gateway_client,
-    mock_transport,
+    mock_client,
     settings_for,
     vllm_stream,
 )
@@ -75,7 +75,7 @@ async def test_a_body_nested_past_the_limit_is_a_400_naming_it_and_holds_no_slot
         body["tools"] = [deep]
     else:
         body[field] = deep
-    async with gateway_client(settings_for(worker.url, max_concurrency=2), mock_transport(worker)) as (client, app):
+    async with gateway_client(settings_for(worker.url, max_concurrency=2), mock_client(worker)) as (client, app):
         for _ in range(4):  # more than the slots: a leaked one would make the last answers wait and fail
             answer = await client.post("/v1/chat/completions", json=body)
             assert answer.status_code == 400, answer.text
@@ -88,7 +88,7 @@ async def test_a_body_nested_past_the_limit_is_a_400_naming_it_and_holds_no_slot
 
 async def test_nesting_within_the_limit_reaches_the_worker() -> None:
     worker = _streaming_worker()
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         answer = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "vllm_xargs": _nested(62)})
     assert answer.status_code == 200, answer.text
     assert len(worker.seen) == 1
@@ -125,7 +125,7 @@ async def test_an_unexpected_fault_in_any_stage_is_a_500_envelope_and_leaks_noth
 ) -> None:
     worker = _streaming_worker()
     settings = settings_for(worker.url, max_concurrency=1, queue_timeout_s=0.5)
-    async with gateway_client(settings, mock_transport(worker)) as (client, app):
+    async with gateway_client(settings, mock_client(worker)) as (client, app):
         with monkeypatch.context() as patch:
             STAGE_FAULTS[stage](_services(app), patch)
             for _ in range(3):  # past the one slot: a leaked slot would turn the next ones into 429s
@@ -145,7 +145,7 @@ async def test_a_relay_fault_after_the_first_byte_ends_the_stream_with_an_error_
 ) -> None:
     worker = _streaming_worker()
     settings = settings_for(worker.url, max_concurrency=1, queue_timeout_s=0.5)
-    async with gateway_client(settings, mock_transport(worker)) as (client, app):
+    async with gateway_client(settings, mock_client(worker)) as (client, app):
         with monkeypatch.context() as patch:
             original = relay_module.UsageFilter.tokens_in
             calls = [0]
@@ -170,7 +170,7 @@ async def test_a_relay_fault_after_the_first_byte_ends_the_stream_with_an_error_
 async def test_a_fault_in_accounting_still_answers_and_gives_the_slot_back(monkeypatch: pytest.MonkeyPatch) -> None:
     worker = _streaming_worker()
     async with gateway_client(settings_for(worker.url, max_concurrency=1, queue_timeout_s=0.5),
-                              mock_transport(worker)) as (client, app):
+                              mock_client(worker)) as (client, app):
         monkeypatch.setattr(_services(app).metrics, "record", _raise)
         for body in (STREAM, CHAT, STREAM, CHAT):
             assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
@@ -181,7 +181,7 @@ async def test_ready_says_so_when_admission_is_saturated_and_nothing_completes()
     now = [0.0]
     worker = _streaming_worker()
     settings = settings_for(worker.url, max_concurrency=1, queue_timeout_s=5)
-    async with gateway_client(settings, mock_transport(worker), clock=lambda: now[0]) as (client, app):
+    async with gateway_client(settings, mock_client(worker), clock=lambda: now[0]) as (client, app):
         assert (await client.get("/ready")).status_code == 200
         ticket = await _services(app).admission.acquire()
         now[0] += 1

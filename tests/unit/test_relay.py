@@ -11,12 +11,13 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from gateway.upstream.client import WorkerClient
 from tests.unit.fakes import (
     DONE,
     MODEL,
     ScriptedWorker,
     gateway_client,
-    mock_transport,
+    mock_client,
     reply_of,
     settings_for,
     vllm_stream,
@@ -46,7 +47,7 @@ async def _stream(stream_options: dict[str, bool] | None, events: list[bytes]) -
     body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     if stream_options is not None:
         body["stream_options"] = stream_options
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     return response.content, worker
@@ -70,7 +71,7 @@ async def test_events_split_across_network_chunks_are_reassembled_one_to_one() -
     worker.on_post = lambda request: httpx.Response(200, content=in_pieces())
     request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         response = await client.post("/v1/chat/completions", json=request)
     assert _events(response.content) == [event.rstrip(b"\n") for event in upstream]
 
@@ -110,7 +111,7 @@ async def test_non_streaming_answer_is_forwarded_byte_for_byte() -> None:
     raw = json.dumps(answer, separators=(",", ":")).encode()
     worker = ScriptedWorker()
     worker.on_post = lambda request: httpx.Response(200, content=raw, headers={"content-type": "application/json"})
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1})
     assert response.status_code == 200
     assert response.content == raw
@@ -120,7 +121,7 @@ async def test_non_streaming_answer_is_forwarded_byte_for_byte() -> None:
 async def test_client_request_id_is_echoed_and_forwarded() -> None:
     worker = _streaming_worker(vllm_stream([1]))
     request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         mine = await client.post("/v1/chat/completions", json=request, headers={"x-request-id": "abc-123"})
         generated = await client.post("/v1/chat/completions", json=request)
         not_ascii = await client.post("/v1/chat/completions", json=request, headers={"x-request-id": b"caf\xe9"})
@@ -134,24 +135,21 @@ async def test_client_request_id_is_echoed_and_forwarded() -> None:
     assert models.headers["x-request-id"]
 
 
-async def test_worker_requests_carry_identity_encoding_json_and_the_timeouts_of_their_kind() -> None:
+async def test_worker_calls_say_whether_they_stream_and_carry_the_request_id() -> None:
     worker = _streaming_worker(vllm_stream([1]))
-    settings = settings_for(worker.url, stream_idle_timeout_s=111, request_timeout_s=222, connect_timeout_s=3)
+    workers = mock_client(worker)
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    async with gateway_client(settings, mock_transport(worker)) as (client, _):
-        await client.post("/v1/chat/completions", json=chat)
+    async with gateway_client(settings_for(worker.url), workers) as (client, _):
+        streamed_answer = await client.post("/v1/chat/completions", json=chat)
         worker.on_post = lambda request: httpx.Response(200, json={"choices": []})
-        await client.post("/v1/completions", json={"model": MODEL, "prompt": "a"})
-    streamed, completed = worker.seen[0], worker.seen[1]
-    assert str(streamed.url) == worker.url + "/v1/chat/completions"
-    assert str(completed.url) == worker.url + "/v1/completions"
-    for request in (streamed, completed):
-        assert request.headers["content-type"] == "application/json"
-        assert request.headers["accept-encoding"] == "identity"
-    # A stream's reads are bounded by its own guard (the idle timeout), not by the client's read timeout, which
-    # the aiohttp transport would re-arm on every chunk; a whole answer gets the request timeout.
-    assert streamed.extensions["timeout"]["read"] is None and streamed.extensions["timeout"]["connect"] == 3
-    assert completed.extensions["timeout"]["read"] == 222 and completed.extensions["timeout"]["connect"] == 3
+        completed_answer = await client.post("/v1/completions", json={"model": MODEL, "prompt": "a"})
+    streamed, completed = [call for call in workers.calls if call.method == "POST"]
+    assert (streamed.path, streamed.streaming) == ("/v1/chat/completions", True)
+    assert (completed.path, completed.streaming) == ("/v1/completions", False)
+    # A stream's reads are bounded by its own guard (the idle timeout); a whole call by the request timeout.
+    assert streamed.request_id == streamed_answer.headers["x-request-id"]
+    assert completed.request_id == completed_answer.headers["x-request-id"]
+    assert json.loads(streamed.body)["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
 
 
 async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counted() -> None:
@@ -192,7 +190,7 @@ async def test_finished_requests_leave_no_worker_response_for_the_garbage_collec
 
     worker = _streaming_worker(vllm_stream([1, 1, 1]))
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
         await client.post("/v1/chat/completions", json={**chat, "stream": True})  # warm: lazy imports, caches
         gc.collect()
         gc.set_debug(gc.DEBUG_SAVEALL)
@@ -211,49 +209,47 @@ async def test_finished_requests_leave_no_worker_response_for_the_garbage_collec
     assert from_workers == []
 
 
-async def test_a_stream_is_read_straight_from_the_connection_over_the_default_and_aiohttp_clients() -> None:
+async def test_a_stream_is_read_straight_from_the_connection() -> None:
     import time
 
-    import aiohttp
-
     from gateway.upstream.calls import Upstream
+    from gateway.upstream.http1.client import Http1WorkerClient
     from gateway.upstream.http1.connection import WorkerConnection
-    from gateway.upstream.transports import worker_clients
     from tests.support import serve_in_thread
     from tests.unit.fakes import SlowWorker
 
     events = vllm_stream([1, 2])
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
 
-    async def read_all(url: str, transport: httpx.AsyncBaseTransport | None, **settings: Any) -> tuple[object, bytes]:
-        async with worker_clients(settings_for(url, **settings), transport) as (worker_client, _):
-            upstream = Upstream(worker_client, settings_for(url), time.perf_counter)
-            opened = await upstream.open_stream(url, "/v1/chat/completions", body, "r1")
-            received = b"".join(event.raw + b"\n\n" for event in opened.first_events) + opened.splitter.pending
-            while chunk := await opened.next_chunk():
-                received += chunk
-            await opened.aclose()
+    async def read_all(url: str, worker_client: WorkerClient) -> tuple[object, bytes]:
+        upstream = Upstream(worker_client, settings_for(url), time.perf_counter)
+        opened = await upstream.open_stream(url, "/v1/chat/completions", body, "r1")
+        received = b"".join(event.raw + b"\n\n" for event in opened.first_events) + opened.splitter.pending
+        while chunk := await opened.next_chunk():
+            received += chunk
+        await opened.aclose()
         return getattr(opened.reply.read, "__self__", None), received
 
     # One call per chunk, no iterator layers: if this ever reads through a wrapper, it fails rather than slows down.
     with serve_in_thread(SlowWorker(events, gap_s=0.01)) as url:
-        reader, received = await read_all(url, None)
+        client = Http1WorkerClient(settings_for(url))
+        try:
+            reader, received = await read_all(url, client)
+        finally:
+            await client.aclose()
         assert isinstance(reader, WorkerConnection)
-        assert received == b"".join(events)
-        reader, received = await read_all(url, None, upstream_transport="aiohttp")
-        assert isinstance(reader, aiohttp.StreamReader)
         assert received == b"".join(events)
 
     worker = _streaming_worker(events)
-    reader, received = await read_all(worker.url, mock_transport(worker))
-    assert not isinstance(reader, aiohttp.StreamReader | WorkerConnection)
+    reader, received = await read_all(worker.url, mock_client(worker))
+    assert not isinstance(reader, WorkerConnection)
     assert received == b"".join(events)
 
 
 async def _asgi_messages(events: list[bytes]) -> list[dict[str, Any]]:
     """The app's ASGI messages for one streaming request, called as a server calls it."""
     worker = _streaming_worker(events)
-    app = create_app(settings_for(worker.url), transport=mock_transport(worker))
+    app = create_app(settings_for(worker.url), worker_client=mock_client(worker))
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
     requests = [{"type": "http.request", "body": body, "more_body": False}]
     messages: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ from tests.unit.fakes import (
     chat_chunk,
     gateway_client,
     gateway_over,
-    mock_transport,
+    mock_client,
     requests_finish,
     settings_for,
 )
@@ -47,7 +47,7 @@ async def test_a_whole_answer_with_token_counts_that_are_not_counts_is_returned_
     for usage in BAD_USAGE:
         answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}], "usage": usage}
         worker = ScriptedWorker(on_post=lambda request, answer=answer: httpx.Response(200, json=answer))
-        async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, _):
+        async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
             reply = await client.post("/v1/chat/completions", json=CHAT)
             metrics = (await client.get("/metrics")).text
         assert reply.status_code == 200 and reply.json() == answer

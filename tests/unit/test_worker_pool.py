@@ -10,7 +10,7 @@ from gateway.observability.metrics import Metrics
 from gateway.workers.discovery import resolve
 from gateway.workers.load import parse_load
 from gateway.workers.pool import PoolTiming, Worker, WorkerPool
-from tests.unit.fakes import CHAT, ScriptedWorker, gateway_client, mock_transport, settings_for
+from tests.unit.fakes import CHAT, ScriptedWorker, gateway_client, mock_client, settings_for
 
 
 @pytest.mark.anyio
@@ -19,7 +19,7 @@ async def test_consecutive_failures_eject_a_worker_then_it_is_tried_again() -> N
     good = ScriptedWorker(url="http://good:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
     now = [100.0]
     settings = settings_for(flaky.url, good.url, routing="round_robin", eject_after_failures=2)
-    async with gateway_client(settings, mock_transport(flaky, good), clock=lambda: now[0]) as (client, _app):
+    async with gateway_client(settings, mock_client(flaky, good), clock=lambda: now[0]) as (client, _app):
         for _ in range(4):
             assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
         tried_while_ok = len(flaky.seen)
@@ -39,7 +39,7 @@ async def test_consecutive_failures_eject_a_worker_then_it_is_tried_again() -> N
 async def test_the_whole_pool_is_never_ejected() -> None:
     workers = [ScriptedWorker(url=f"http://w{i}:1", on_post=lambda r: httpx.Response(500)) for i in range(2)]
     async with gateway_client(settings_for(*(w.url for w in workers), eject_after_failures=1),
-                              mock_transport(*workers)) as (client, _):
+                              mock_client(*workers)) as (client, _):
         for _ in range(3):
             await client.post("/v1/chat/completions", json=CHAT)
         seen = sum(len(w.seen) for w in workers)
@@ -52,7 +52,7 @@ async def test_a_draining_worker_gets_no_new_requests() -> None:
     draining = ScriptedWorker(url="http://draining:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
     other = ScriptedWorker(url="http://other:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
     async with gateway_client(settings_for(draining.url, other.url, routing="round_robin"),
-                              mock_transport(draining, other)) as (client, app):
+                              mock_client(draining, other)) as (client, app):
         draining.healthy = False  # vLLM answers 503 on /health while it drains
         await app.state.services.pool.refresh()
         for _ in range(4):
@@ -64,7 +64,7 @@ async def test_a_draining_worker_gets_no_new_requests() -> None:
 async def test_load_is_scraped_and_stale_load_is_ignored() -> None:
     worker = ScriptedWorker(url="http://w:1", metrics_text="vllm:num_requests_waiting{model_name=\"demo\"} 7.0\n")
     now = [10.0]
-    async with gateway_client(settings_for(worker.url), mock_transport(worker), clock=lambda: now[0]) as (_, app):
+    async with gateway_client(settings_for(worker.url), mock_client(worker), clock=lambda: now[0]) as (_, app):
         pool = app.state.services.pool
         (tracked,) = pool.workers
         assert pool.queue_depth(tracked) == 7
@@ -101,14 +101,13 @@ async def test_dns_names_resolve_to_one_worker_per_address() -> None:
 async def test_discovery_adds_and_removes_workers_and_forgets_their_gauges() -> None:
     metrics = Metrics()
     removed: list[str] = []
-    async with httpx.AsyncClient(transport=mock_transport()) as client:
-        pool = WorkerPool(["http://a:1", "http://b:1"], client, metrics, lambda: 0.0, PoolTiming())
-        pool.on_removed(removed.append)
-        await pool.discover()
-        kept = pool.workers[0]
-        metrics.publish_worker("http://b:1", available=True, in_flight=0, load=Worker("x").load)
-        pool._entries = ["http://a:1", "http://c:1"]
-        await pool.discover()
+    pool = WorkerPool(["http://a:1", "http://b:1"], mock_client(), metrics, lambda: 0.0, PoolTiming())
+    pool.on_removed(removed.append)
+    await pool.discover()
+    kept = pool.workers[0]
+    metrics.publish_worker("http://b:1", available=True, in_flight=0, load=Worker("x").load)
+    pool._entries = ["http://a:1", "http://c:1"]
+    await pool.discover()
     assert [w.url for w in pool.workers] == ["http://a:1", "http://c:1"]
     assert pool.workers[0] is kept, "a worker that stays keeps its state"
     assert removed == ["http://b:1"]
@@ -118,7 +117,7 @@ async def test_discovery_adds_and_removes_workers_and_forgets_their_gauges() -> 
 @pytest.mark.anyio
 async def test_one_slow_health_check_does_not_take_a_busy_worker_out() -> None:
     worker = ScriptedWorker(url="http://busy:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, app):
         pool = app.state.services.pool
         worker.health_error = httpx.ReadTimeout("busy")
         await pool.refresh()
@@ -133,7 +132,7 @@ async def test_one_slow_health_check_does_not_take_a_busy_worker_out() -> None:
 @pytest.mark.anyio
 async def test_a_refused_health_check_takes_the_worker_out_at_once() -> None:
     worker = ScriptedWorker(url="http://gone:1")
-    async with gateway_client(settings_for(worker.url), mock_transport(worker)) as (client, app):
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, app):
         worker.health_error = httpx.ConnectError("refused")
         await app.state.services.pool.refresh()
         assert (await client.get("/ready")).status_code == 503

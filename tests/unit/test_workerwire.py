@@ -7,11 +7,10 @@ import socket
 
 import pytest
 
-from gateway.upstream.calls import map_transport_error
 from gateway.upstream.http1 import client as workerwire
-from gateway.upstream.http1.client import build_target
-from gateway.upstream.http1.connection import (
-    HIGH_WATER,
+from gateway.upstream.http1.client import build_head
+from gateway.upstream.http1.connection import HIGH_WATER
+from gateway.upstream.http1.errors import (
     WorkerBadResponse,
     WorkerBodyCut,
     WorkerConnectTimeout,
@@ -33,6 +32,28 @@ async def test_a_body_read_to_its_end_returns_the_connection_for_the_next_reques
             assert await read_body(reply.read) == b"".join(events)
             await reply.aclose()
     assert worker.connections == 1
+
+
+async def test_the_pools_gets_share_the_keep_alive_connection_and_are_bounded_in_time() -> None:
+    asked: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            asked.append(head.split(b"\r\n", 1)[0])
+            if head.startswith(b"GET /slow"):
+                await asyncio.sleep(30)
+            body = b"vllm:num_requests_waiting 2.0\n"
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    async with serving(answer) as worker, client() as wire:
+        pages = [await wire.get(worker.url, "/metrics", 5) for _ in range(3)]
+        assert [(page.status, page.body) for page in pages] == [(200, b"vllm:num_requests_waiting 2.0\n")] * 3
+        assert worker.connections == 1, "one keep-alive connection for every scrape"
+        with pytest.raises(WorkerReadTimeout):
+            await wire.get(worker.url, "/slow", 0.2)
+    assert asked == [b"GET /metrics HTTP/1.1"] * 3 + [b"GET /slow HTTP/1.1"]
 
 
 async def test_the_chunks_of_one_network_read_come_out_in_one_read() -> None:
@@ -130,7 +151,7 @@ async def test_a_worker_that_hangs_up_before_answering() -> None:
     async with serving(hang_up) as worker, client() as wire:
         with pytest.raises(WorkerHungUp) as caught:
             await wire.post(worker.url, "/v1/chat/completions", b"{}", "req-1", True)
-    assert map_transport_error(caught.value).message == "worker closed the connection"
+    assert caught.value.message == "worker closed the connection"
 
 
 async def test_a_body_cut_midway_is_an_error_not_an_end() -> None:
@@ -145,7 +166,7 @@ async def test_a_body_cut_midway_is_an_error_not_an_end() -> None:
         with pytest.raises(WorkerBodyCut) as caught:
             await reply.read()
         await reply.aclose()
-    assert "mid-body" in map_transport_error(caught.value).message
+    assert "mid-body" in caught.value.message
 
 
 async def test_an_answer_that_is_not_http() -> None:
@@ -167,7 +188,7 @@ async def test_a_refused_port_and_an_unknown_name_are_unreachable() -> None:
     async with client() as wire:
         with pytest.raises(WorkerUnreachable) as caught:
             await wire.post(f"http://127.0.0.1:{port}", "/v1/completions", b"{}", "req-1", True)
-        assert map_transport_error(caught.value).message.startswith("could not connect to worker: ")
+        assert caught.value.message.startswith("could not connect to worker: ")
         with pytest.raises(WorkerUnreachable):
             await wire.post("http://worker.invalid:8000", "/v1/completions", b"{}", "req-2", True)
 
@@ -207,7 +228,7 @@ async def test_a_whole_call_waits_at_most_the_request_timeout_and_reads_a_sized_
         await reply.aclose()
         with pytest.raises(WorkerReadTimeout) as caught:
             await wire.post(worker.url, "/v1/completions", b"slow", "req-2", False)
-    assert "in time" in map_transport_error(caught.value).message
+    assert "in time" in caught.value.message
 
 
 async def test_the_request_carries_its_id_length_and_host() -> None:
@@ -233,9 +254,14 @@ async def test_the_request_carries_its_id_length_and_host() -> None:
 
 
 def test_worker_addresses_become_origins_and_request_targets() -> None:
-    target = build_target("http://[::1]:8000/base", "/v1/completions")
+    target = build_head("POST", "http://[::1]:8000/base", "/v1/completions")
     assert target.origin == ("http", "::1", 8000)
     assert target.head.startswith(b"POST /base/v1/completions HTTP/1.1\r\nhost: [::1]:8000\r\n")
-    assert build_target("https://gpu-0.internal", "/v1/completions").origin == ("https", "gpu-0.internal", 443)
+    assert build_head("POST", "https://gpu-0.internal", "/v1/completions").origin == ("https", "gpu-0.internal", 443)
+    post = build_head("POST", "http://w:1", "/v1/completions").head
+    assert post.startswith(b"POST /v1/completions HTTP/1.1\r\nhost: w:1\r\n")
+    assert b"content-type: application/json\r\n" in post and b"accept-encoding: identity\r\n" in post
+    assert post.endswith(b"x-request-id: ")
+    assert build_head("GET", "http://w:1", "/health").head.startswith(b"GET /health HTTP/1.1\r\n")
     with pytest.raises(WorkerUnreachable):
-        build_target("unix:///tmp/worker.sock", "/v1/completions")
+        build_head("POST", "unix:///tmp/worker.sock", "/v1/completions")

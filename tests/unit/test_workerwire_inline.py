@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from gateway.upstream.http1.connection import WorkerBadResponse
+from gateway.upstream.http1.errors import WorkerBadResponse
 from tests.unit.wirefakes import STREAM_HEAD, chunk, client, read_body, read_request, serving
 
 pytestmark = pytest.mark.anyio

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from gateway.upstream.http1.client import WireWorkerClient
+from gateway.upstream.http1.client import Http1WorkerClient
 from tests.unit.fakes import settings_for
 
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -66,8 +66,8 @@ def events_handler(events: list[bytes]) -> Handler:
 
 
 @contextlib.asynccontextmanager
-async def client(**overrides: object) -> AsyncIterator[WireWorkerClient]:
-    wire = WireWorkerClient(settings_for("http://127.0.0.1:1", **overrides))
+async def client(**overrides: object) -> AsyncIterator[Http1WorkerClient]:
+    wire = Http1WorkerClient(settings_for("http://127.0.0.1:1", **overrides))
     try:
         yield wire
     finally:

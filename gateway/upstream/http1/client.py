@@ -1,14 +1,9 @@
-"""Worker HTTP stage: the default worker client, HTTP/1.1 to workers over gateway/upstream/http1/connection.py's
-connections, with a keep-alive pool per worker.
+"""The product's worker client: HTTP/1.1 to workers over http1/connection.py's connections, a keep-alive pool per
+worker, at most `max_upstream_connections` requests at once.
 
-Why not aiohttp's client here: per streamed chunk it runs its protocol's `data_received`, its parser's chunk
-callbacks and its StreamReader's buffer, waiter and read path, and per request a general-purpose request
-pipeline. With these modules the gateway spends ~18 % less user CPU per event at 100 streams and per 4-token
-request (loadtest/results/profile.md, "Worker streams on httptools"). The parsing is httptools' (llhttp, the
-parser uvicorn serves with); what is ours is one connection's state and a keep-alive pool per worker.
-
-A body read to its end puts the connection back in the pool; any other close drops the connection, which
-makes vLLM abort the request.
+A body read to its end puts its connection back in the pool; any other close drops the connection, which makes
+vLLM abort the request. Streams, whole calls and the pool's own small GETs share the pool. The parsing is
+httptools' (llhttp, the parser uvicorn serves with); what is ours is one connection's state and the pool.
 """
 
 from __future__ import annotations
@@ -20,21 +15,29 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from gateway.settings import GatewaySettings
-from gateway.upstream.client import KEEPALIVE_EXPIRY_S, MAX_CACHED_URLS, WorkerReply
-from gateway.upstream.http1.connection import WorkerConnection, WorkerConnectTimeout, WorkerUnreachable
+from gateway.upstream.client import Fetched, WorkerReply
+from gateway.upstream.http1.connection import WorkerConnection
+from gateway.upstream.http1.errors import WorkerConnectTimeout, WorkerReadTimeout, WorkerUnreachable
 
 Origin = tuple[str, str, int]  # scheme, host, port
 
+# vLLM's uvicorn drops a connection idle for 5 s; reusing one at that moment fails a request that was already
+# sent, so the gateway lets idle connections go first.
+KEEPALIVE_EXPIRY_S = 4.0
+MAX_CACHED_HEADS = 1024  # discovery may churn through worker addresses
+MAX_FETCHED_BYTES = 8 * 1024 * 1024  # a metrics page with every histogram of a busy worker fits
+POOL_REQUEST_ID = b"specgate-pool"
+
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class RequestHead:
     """Where one worker path goes, with the request head's fixed part ready."""
 
     origin: Origin
     head: bytes  # request line and fixed headers, up to the request id's value
 
 
-class WireWorkerClient:
+class Http1WorkerClient:
     """The gateway's WorkerClient over WorkerConnections: a pool of idle keep-alive connections per worker,
     at most `max_upstream_connections` requests at once (a request past that waits up to the connect timeout)."""
 
@@ -43,22 +46,37 @@ class WireWorkerClient:
         self._whole_call_wait_s = settings.request_timeout_s
         self._slots = asyncio.Semaphore(settings.max_upstream_connections)
         self._idle: dict[Origin, list[WorkerConnection]] = {}
-        self._targets: dict[tuple[str, str], Target] = {}
+        self._heads: dict[tuple[str, str, str], RequestHead] = {}
         self._ssl_context = ssl_context
         self._closed = False
 
     async def post(self, worker_url: str, path: str, body: bytes, request_id: str, streaming: bool) -> WorkerReply:
-        target = self._target(worker_url, path)
-        request = b"%s%s\r\ncontent-length: %d\r\n\r\n%s" % (target.head, request_id.encode("latin-1"), len(body), body)
+        head = self._head("POST", worker_url, path)
+        request = b"%s%s\r\ncontent-length: %d\r\n\r\n%s" % (head.head, request_id.encode("latin-1"), len(body), body)
+        return await self._send(head.origin, request, None if streaming else self._whole_call_wait_s)
+
+    async def get(self, worker_url: str, path: str, timeout_s: float) -> Fetched:
+        head = self._head("GET", worker_url, path)
+        try:
+            async with asyncio.timeout(timeout_s):
+                reply = await self._send(head.origin, head.head + POOL_REQUEST_ID + b"\r\n\r\n", timeout_s)
+                try:
+                    return Fetched(reply.status, await reply.body(MAX_FETCHED_BYTES))
+                finally:
+                    await reply.aclose()
+        except TimeoutError:
+            raise WorkerReadTimeout(f"worker sent nothing in time ({timeout_s:g}s)") from None
+
+    async def _send(self, origin: Origin, request: bytes, wait_limit_s: float | None) -> WorkerReply:
         await self._take_slot()
         try:
-            connection = await self._connection(target.origin)
+            connection = await self._connection(origin)
         except BaseException:
             self._slots.release()
             raise
-        release = _Release(self, target.origin, connection)
+        release = _Release(self, origin, connection)
         try:
-            headers = await connection.exchange(request, None if streaming else self._whole_call_wait_s)
+            headers = await connection.exchange(request, wait_limit_s)
         except BaseException:
             await release()
             raise
@@ -72,13 +90,13 @@ class WireWorkerClient:
                 connection.close()
         self._idle.clear()
 
-    def _target(self, worker_url: str, path: str) -> Target:
-        target = self._targets.get((worker_url, path))
-        if target is None:
-            if len(self._targets) >= MAX_CACHED_URLS:  # discovery may churn through worker addresses
-                self._targets.clear()
-            target = self._targets[(worker_url, path)] = build_target(worker_url, path)
-        return target
+    def _head(self, method: str, worker_url: str, path: str) -> RequestHead:
+        head = self._heads.get((method, worker_url, path))
+        if head is None:
+            if len(self._heads) >= MAX_CACHED_HEADS:
+                self._heads.clear()
+            head = self._heads[(method, worker_url, path)] = build_head(method, worker_url, path)
+        return head
 
     async def _take_slot(self) -> None:
         if self._slots.locked():
@@ -86,7 +104,9 @@ class WireWorkerClient:
                 async with asyncio.timeout(self._connect_timeout_s):
                     await self._slots.acquire()
             except TimeoutError:
-                raise WorkerConnectTimeout(f"no free worker connection in {self._connect_timeout_s:g}s") from None
+                raise WorkerConnectTimeout(
+                    f"could not connect to worker in time: no free connection in {self._connect_timeout_s:g}s"
+                ) from None
         else:
             await self._slots.acquire()
 
@@ -124,8 +144,8 @@ class _Release:
 
     __slots__ = ("_client", "_connection", "_origin")
 
-    def __init__(self, client: WireWorkerClient, origin: Origin, connection: WorkerConnection) -> None:
-        self._client: WireWorkerClient | None = client
+    def __init__(self, client: Http1WorkerClient, origin: Origin, connection: WorkerConnection) -> None:
+        self._client: Http1WorkerClient | None = client
         self._origin = origin
         self._connection = connection
 
@@ -159,15 +179,15 @@ class HttpUrl:
         return cls(scheme, host, parts.port or (443 if scheme == "https" else 80), netloc, target)
 
 
-def build_target(worker_url: str, path: str) -> Target:
+def build_head(method: str, worker_url: str, path: str) -> RequestHead:
     url = HttpUrl.parse(worker_url + path)
     if url is None:
-        raise WorkerUnreachable(f"not an http(s) worker address: {worker_url}")
-    head = (
-        f"POST {url.target} HTTP/1.1\r\nhost: {url.netloc}\r\ncontent-type: application/json\r\n"
-        "accept-encoding: identity\r\nx-request-id: "
-    ).encode("latin-1")
-    return Target((url.scheme, url.host, url.port), head)
+        raise WorkerUnreachable(f"could not connect to worker: not an http(s) address: {worker_url}")
+    fixed = f"{method} {url.target} HTTP/1.1\r\nhost: {url.netloc}\r\n"
+    if method == "POST":
+        fixed += "content-type: application/json\r\n"
+    head = (fixed + "accept-encoding: identity\r\nx-request-id: ").encode("latin-1")
+    return RequestHead((url.scheme, url.host, url.port), head)
 
 
 def take_idle(idle: list[WorkerConnection]) -> WorkerConnection | None:
@@ -191,7 +211,7 @@ async def connect(host: str, port: int, ssl_context: ssl.SSLContext | None, time
         async with asyncio.timeout(timeout_s):
             _, connection = await loop.create_connection(lambda: WorkerConnection(loop), host, port, ssl=ssl_context)
     except TimeoutError:
-        raise WorkerConnectTimeout(f"could not connect to {host}:{port} in {timeout_s:g}s") from None
+        raise WorkerConnectTimeout(f"could not connect to worker in time: {host}:{port} in {timeout_s:g}s") from None
     except OSError as exc:
-        raise WorkerUnreachable(f"{host}:{port}: {exc.strerror or exc}") from exc
+        raise WorkerUnreachable(f"could not connect to worker: {host}:{port}: {exc.strerror or exc}") from exc
     return connection

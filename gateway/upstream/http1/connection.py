@@ -1,5 +1,4 @@
-"""Worker HTTP stage: one HTTP/1.1 connection to a worker, an asyncio Protocol on httptools' parser, and the
-errors it raises (gateway/upstream/http1/client.py pools these connections into the default worker client).
+"""One HTTP/1.1 connection to a worker: an asyncio Protocol on httptools' parser (client.py pools them).
 
 A connection carries one request at a time. Its body is handed out as the network delivers it; past
 `HIGH_WATER` unread bytes the socket stops being read, so a slow client holds back the worker rather than
@@ -21,38 +20,17 @@ import httptools
 from multidict import CIMultiDict
 
 from gateway.upstream.client import Sink
+from gateway.upstream.http1.errors import (
+    WorkerBadResponse,
+    WorkerBodyCut,
+    WorkerConnectionError,
+    WorkerHungUp,
+    WorkerReadTimeout,
+)
 
 HIGH_WATER = 32 * 1024  # unread body bytes at which the socket stops being read
 
 logger = logging.getLogger("specgate.workerconnection")
-
-
-class WorkerConnectionError(Exception):
-    """A connection to a worker failed; the subclass says how (gateway.upstream.calls maps each onto an answer)."""
-
-
-class WorkerUnreachable(WorkerConnectionError):
-    """The connection could not be made: refused, no route, unknown name."""
-
-
-class WorkerConnectTimeout(WorkerConnectionError):
-    """No connection (or no free connection slot) within the connect timeout."""
-
-
-class WorkerHungUp(WorkerConnectionError):
-    """The worker closed the connection before its answer began."""
-
-
-class WorkerBodyCut(WorkerConnectionError):
-    """The worker closed or reset the connection in the middle of its answer."""
-
-
-class WorkerReadTimeout(WorkerConnectionError):
-    """A whole (non-streamed) call: the worker sent nothing within the request timeout."""
-
-
-class WorkerBadResponse(WorkerConnectionError):
-    """What the worker sent is not HTTP/1.1."""
 
 
 class WorkerConnection(asyncio.Protocol):
@@ -96,7 +74,7 @@ class WorkerConnection(asyncio.Protocol):
         if self._parser is not None and not self._complete and self._error is None:
             if self._head_done:
                 reason = f"{type(exc).__name__}: {exc}" if exc else "closed"
-                self._error = WorkerBodyCut(f"the worker's answer ended early ({reason})")
+                self._error = WorkerBodyCut(f"worker closed or reset the connection mid-body ({reason})")
             else:
                 self._error = WorkerHungUp("worker closed the connection")
         self._wake()
@@ -271,7 +249,7 @@ class WorkerConnection(asyncio.Protocol):
                 async with asyncio.timeout(self._wait_limit_s):
                     await waiter
             except TimeoutError:
-                raise WorkerReadTimeout(f"nothing from the worker in {self._wait_limit_s:g}s") from None
+                raise WorkerReadTimeout(f"worker sent nothing in time ({self._wait_limit_s:g}s)") from None
         if self._error is not None:
             raise self._error
 
