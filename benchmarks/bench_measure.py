@@ -18,7 +18,7 @@ import orjson
 
 from benchmarks.bench_targets import Target, rss_kib, tree_cpu_seconds
 from loadtest.fake_config import FakeEngineConfig
-from loadtest.records import RequestRecord
+from loadtest.records import RequestResult
 from loadtest.runner import LoadConfig, run_scenario
 from loadtest.summary import summarize
 from loadtest.workloads import RandomPrompts
@@ -87,7 +87,7 @@ class Run:
 
     target: str
     level: int
-    records: list[RequestRecord] = field(default_factory=list)
+    records: list[RequestResult] = field(default_factory=list)
     duration_s: float = 0.0
     engine_events: float = 0.0
     engine_tokens: float = 0.0

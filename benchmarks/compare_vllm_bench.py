@@ -20,7 +20,7 @@ from statistics import median
 from typing import Any
 
 from loadtest.procs import free_port, pinned, wait_healthy
-from loadtest.records import CLIENT, OK, RequestRecord
+from loadtest.records import CLIENT, OK, RequestResult
 from loadtest.summary import summarize
 
 TOLERANCE = 0.05
@@ -77,7 +77,7 @@ def _ours(summary: dict[str, Any], path: tuple[str, ...]) -> float:
 def recompute(vllm_result: dict[str, Any]) -> dict[str, Any]:
     """Our summary of vllm bench's own per-request timings (--save-detailed): same inputs, our formulas."""
     records = [
-        RequestRecord(index=i, kind=OK if not error else CLIENT, ttft_s=ttft, latency_s=latency, itl_s=list(itl),
+        RequestResult(index=i, kind=OK if not error else CLIENT, ttft_s=ttft, latency_s=latency, itl_s=list(itl),
                       output_tokens=output_len, prompt_tokens=input_len)
         for i, (ttft, latency, itl, output_len, input_len, error) in enumerate(zip(
             vllm_result["ttfts"], vllm_result["latencies"], vllm_result["itls"], vllm_result["output_lens"],

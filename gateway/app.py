@@ -17,7 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.admission.admission import Admission
 from gateway.admission.shutdown import Drainer
-from gateway.api.forwarding import FORWARDING_ROUTES, router
+from gateway.api.forwarding import Forwarding
+from gateway.api.routes import FORWARDING_ROUTES, router
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.middleware.auth import ApiKeyMiddleware
 from gateway.middleware.fast_routes import Endpoint, HotRoutes, wrapped_in
@@ -120,6 +121,7 @@ def create_app(
                 ),
                 drainer=drainer,
             )
+            app.state.forwarding = Forwarding(app.state.services)
             health = asyncio.create_task(pool.run(), name="specgate-pool")
             logger.info("gateway ready with %d worker(s), models: %s", len(settings.workers), sorted(pool.models()))
             try:

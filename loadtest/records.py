@@ -1,4 +1,4 @@
-"""Load generator data: what one request sends (RequestSpec) and what was measured for it (RequestRecord)."""
+"""Load generator data: what one request sends (RequestSpec) and what was measured for it (RequestResult)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class RequestSpec:
 
 
 @dataclass(slots=True)
-class RequestRecord:
+class RequestResult:
     """Client-side measurements of one request, with the definitions of `vllm bench serve`.
 
     ttft: send → first event whose `choices` is non-empty. itl: gaps between successive such events.

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from loadtest.records import RequestRecord, RequestSpec
+from loadtest.records import RequestResult, RequestSpec
 from loadtest.sse_client import ClientOptions, build_client, send_request
 from loadtest.summary import summarize
 from loadtest.targets import resolve_target
@@ -80,7 +80,7 @@ class LoadConfig:
 @dataclass
 class RunResult:
     config: LoadConfig
-    records: list[RequestRecord]
+    records: list[RequestResult]
     summary: dict[str, Any]
     duration_s: float
     started_at: float  # wall-clock epoch seconds
@@ -90,19 +90,19 @@ class _Run:
     """State of one run: budget, records and progress, shared by its request tasks."""
 
     def __init__(self, config: LoadConfig, client: StreamClient, options: ClientOptions,
-                 on_record: Callable[[RequestRecord], None]) -> None:
+                 on_record: Callable[[RequestResult], None]) -> None:
         self.config = config
         self.client = client
         self.options = options
         self.on_record = on_record
-        self.records: list[RequestRecord] = []
+        self.records: list[RequestResult] = []
         self.measured = 0
         self.start = time.perf_counter()
         self.ramp_up_end = self.start + config.ramp_up_s
         self.deadline = self.start + config.duration_s if config.duration_s is not None else None
         self.limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
 
-    def _take(self, opens_stream: bool = False) -> RequestRecord | None:
+    def _take(self, opens_stream: bool = False) -> RequestResult | None:
         """Claim the next request slot, or None once a cap is reached; ramp-up requests do not count.
 
         A stream's first request belongs to the ramp-up even when it leaves after the ramp-up's end: the last
@@ -112,7 +112,7 @@ class _Run:
         if self.exhausted:
             return None
         ramp_up = time.perf_counter() < self.ramp_up_end or (opens_stream and self.config.ramp_up_s > 0)
-        record = RequestRecord(index=len(self.records), ramp_up=ramp_up)
+        record = RequestResult(index=len(self.records), ramp_up=ramp_up)
         self.records.append(record)
         self.measured += not ramp_up
         return record
@@ -229,10 +229,10 @@ async def _warm_up(config: LoadConfig, client: StreamClient, options: ClientOpti
         first = next(next(sessions, iter(())), None)
         if first is None:
             return
-        await send_request(client, options, first, RequestRecord(index=-1 - index), run_start=time.perf_counter())
+        await send_request(client, options, first, RequestResult(index=-1 - index), run_start=time.perf_counter())
 
 
-async def run_scenario(config: LoadConfig, on_record: Callable[[RequestRecord], None] | None = None) -> RunResult:
+async def run_scenario(config: LoadConfig, on_record: Callable[[RequestResult], None] | None = None) -> RunResult:
     """Run one load scenario in the caller's event loop and summarise it (the in-process API)."""
     url, chat = resolve_target(config.base_url, config.endpoint, allow_remote=config.allow_remote)
     options = ClientOptions(url=url, model=config.model, chat=chat, ignore_eos=config.ignore_eos,
@@ -241,7 +241,7 @@ async def run_scenario(config: LoadConfig, on_record: Callable[[RequestRecord], 
     progress = _progress(config)
     started_at = time.time()
 
-    def record_done(record: RequestRecord) -> None:
+    def record_done(record: RequestResult) -> None:
         if progress is not None:
             progress.update(1)
         if on_record is not None:

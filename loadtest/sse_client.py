@@ -11,7 +11,7 @@ import orjson
 
 from gateway.upstream.http1 import errors as wire
 from loadtest import records as kinds
-from loadtest.records import RequestRecord, RequestSpec
+from loadtest.records import RequestResult, RequestSpec
 from loadtest.wire_client import StreamClient
 
 _SEPARATOR = b"\n\n"
@@ -72,7 +72,7 @@ class _StreamState:
     __slots__ = ("buffer", "chat", "content_events", "last_data_at", "last_event_at", "last_tokens", "record",
                  "start", "texts", "want_text")
 
-    def __init__(self, record: RequestRecord, start: float, chat: bool, want_text: bool) -> None:
+    def __init__(self, record: RequestResult, start: float, chat: bool, want_text: bool) -> None:
         self.record = record
         self.start = start
         self.chat = chat
@@ -149,7 +149,7 @@ class _StreamState:
 
 
 async def send_request(
-    client: StreamClient, options: ClientOptions, spec: RequestSpec, record: RequestRecord, *,
+    client: StreamClient, options: ClientOptions, spec: RequestSpec, record: RequestResult, *,
     run_start: float, want_text: bool = False,
 ) -> str:
     """Send `spec`, fill `record` in place, and return the reply text when `want_text` (for chat histories)."""
@@ -231,7 +231,7 @@ class _IdleCutoff:
             self._task.cancel()
 
 
-def _complete(record: RequestRecord, state: _StreamState, start: float) -> None:
+def _complete(record: RequestResult, state: _StreamState, start: float) -> None:
     if record.ttft_s is not None:
         record.latency_s = state.last_data_at - start
     elif record.latency_s is None:

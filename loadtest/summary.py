@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.records import CANCELLED, RequestRecord
+from loadtest.records import CANCELLED, RequestResult
 
 # SLO names accepted for goodput, as in vllm bench (e2el is its name for e2e).
 SLO_NAMES = ("ttft", "tpot", "e2e")
@@ -37,7 +37,7 @@ def _pkey(p: float) -> str:
     return f"p{p:g}"
 
 
-def per_token_gaps(record: RequestRecord) -> list[float]:
+def per_token_gaps(record: RequestResult) -> list[float]:
     """The gateway's TBT: the gap between successive events that carry tokens ÷ the tokens in the later one.
     Events without tokens (a chat's role-only first event) start no gap. Needs continuous usage stats."""
     tokens = record.chunk_tokens
@@ -56,7 +56,7 @@ def per_token_gaps(record: RequestRecord) -> list[float]:
 
 
 def summarize(
-    records: Sequence[RequestRecord], duration_s: float, *, slos_s: Mapping[str, float] | None = None,
+    records: Sequence[RequestResult], duration_s: float, *, slos_s: Mapping[str, float] | None = None,
     percentiles: Sequence[float] = (50.0, 90.0, 99.0), rate_window_s: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Latencies over the measured requests (ramp-up ones left out); rates over `duration_s`, or, with
@@ -106,7 +106,7 @@ def summarize(
 
 
 def _window_rates(
-    records: Sequence[RequestRecord], window_s: tuple[float, float], slos_s: Mapping[str, float] | None,
+    records: Sequence[RequestResult], window_s: tuple[float, float], slos_s: Mapping[str, float] | None,
 ) -> dict[str, Any]:
     """Rates from the events and completions that fell inside the window, whichever request they belong to.
 
@@ -151,7 +151,7 @@ def _goodput(slos_s: Mapping[str, float], good: int, seconds: float) -> dict[str
     }
 
 
-def _meets(record: RequestRecord, slos_s: Mapping[str, float]) -> bool:
+def _meets(record: RequestResult, slos_s: Mapping[str, float]) -> bool:
     # vllm bench counts a request's TPOT as 0 when it produced a single token.
     values = {"ttft": record.ttft_s, "tpot": record.tpot_s or 0.0, "e2e": record.latency_s}
     return all((values[name] or 0.0) <= limit for name, limit in slos_s.items())

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from prometheus_client import Gauge
+
 from gateway.errors import Overloaded
+from gateway.observability.record import RequestRecord
 
 
 class Ticket:
@@ -74,3 +77,25 @@ class Admission:
     def stalled(self, for_s: float) -> bool:
         """Every slot is taken and none has been given back for `for_s`: a new request could only wait."""
         return self.held >= self.max_concurrency and self._clock() - self._last_release_at >= for_s
+
+
+class AdmittedRequest:
+    """What an admitted request holds (its slot, its in-flight count) and its accounting, given back and done
+    exactly once, however the request ends."""
+
+    __slots__ = ("_account", "_closed", "_in_flight", "_ticket")
+
+    def __init__(self, ticket: Ticket, in_flight: Gauge, account: Callable[[RequestRecord], None]) -> None:
+        self._ticket = ticket
+        self._in_flight = in_flight
+        self._account = account
+        self._closed = False
+        in_flight.inc()
+
+    def close(self, record: RequestRecord) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ticket.release()
+        self._in_flight.dec()
+        self._account(record)

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.event import ensure_bytes
@@ -51,20 +51,32 @@ from gateway.streaming.uvicorn_fast_path import (
 TRANSPORT_SEND = "specgate.transport_send"
 
 
-class RelayEventStream(EventSourceResponse):
-    """`content` streams to the client; `after` runs once the response is complete, whatever ended it."""
+class StreamSource(Protocol):
+    """What the response sends: a stream's bytes (`events()`, already framed), whether the chunk it holds out is
+    the last (`final`), the bytes the stream opened on (`opening()`), a writer for the fast path
+    (`write_directly`), and what to run once the response is complete (`settle()`). `Stream` (stream.py) is one."""
 
-    def __init__(self, content: AsyncGenerator[bytes, None], *, watch: ClientWatch,
-                 after: Callable[[], Awaitable[None]], is_final: Callable[[], bool] = lambda: False,
-                 direct_to: Callable[[DirectBodyWriter], None] | None = None,
-                 opening: Callable[[], bytes | None] | None = None, **kwargs: Any) -> None:
+    final: bool
+
+    def events(self) -> AsyncGenerator[bytes, None]: ...
+
+    def opening(self) -> bytes | None: ...
+
+    def write_directly(self, writer: DirectBodyWriter) -> None: ...
+
+    async def settle(self) -> None: ...
+
+
+class StreamResponse(EventSourceResponse):
+    """The response of one stream: `source` is sent to the client, and settled once the response is complete,
+    whatever ended it."""
+
+    def __init__(self, source: StreamSource, *, watch: ClientWatch, **kwargs: Any) -> None:
+        content = source.events()
         super().__init__(content, **kwargs)
         self._content = content
-        self._opening = opening
+        self._source = source
         self._watch = watch
-        self._after = after
-        self._is_final = is_final
-        self._direct_to = direct_to
         # A reader that takes no bytes for send_timeout is cut: one write waits that long under flow control.
         self._send_guard = WaitGuard(self.send_timeout or None)
         self._pings: asyncio.Task[None] | None = None
@@ -102,7 +114,7 @@ class RelayEventStream(EventSourceResponse):
             await self._watch.stop()
             with contextlib.suppress(Exception):
                 await self._content.aclose()
-            await self._after()
+            await self._source.settle()
 
     def _start_pings(self, body_send: Send) -> None:
         if self.active:
@@ -121,7 +133,7 @@ class RelayEventStream(EventSourceResponse):
         await self._ping(body_send)
 
     async def _send_stream(self, send: Send, body_send: Send) -> None:
-        opening = self._opening() if self._opening is not None else b""
+        opening = self._source.opening()
         ended = False
         # None: the head and the first events went out from the worker's read callback, and the relay writes on.
         if opening is not None:
@@ -129,10 +141,10 @@ class RelayEventStream(EventSourceResponse):
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 if opening:
                     ended = await self._send_chunk(body_send, opening)
-            if self._direct_to is not None and not ended:
+            if not ended:
                 writer = direct_body_writer(body_send)
                 if writer is not None:
-                    self._direct_to(writer)
+                    self._source.write_directly(writer)
         async for chunk in self._content:  # the relay's bytes, framed already
             if not ended:  # nothing follows the body's end; the content only runs on to its own end
                 ended = await self._send_chunk(body_send, chunk)
@@ -141,7 +153,7 @@ class RelayEventStream(EventSourceResponse):
 
     async def _send_chunk(self, body_send: Send, chunk: bytes) -> bool:
         """Send one chunk of the body; True if it was the last, sent with the body's end."""
-        if self._is_final():
+        if self._source.final:
             # The last chunk and the body's end leave in one write (one syscall, one client wake-up less).
             await self._send_end(body_send, chunk)
             return True

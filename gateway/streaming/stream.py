@@ -1,89 +1,37 @@
-"""Relay stage: forward worker SSE events one to one, count tokens, stamp times, end cleanly or with an error."""
+"""One client stream: the worker's SSE relayed to the client one event to one, its tokens counted and timed, its
+end clean or one final error event, and the response that carries it (`respond`).
+
+`Stream` is the only object a streaming request deals with: forwarding makes it, hands `first_read_sink` to the
+worker call, `attach`es the open worker stream and returns `respond(...)`. The response (response.py) drives
+`events()` and `settle()`; the uvicorn fast path (uvicorn_fast_path.py) lets it write from the worker
+connection's read callback.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any
 
+from starlette.types import Scope
+
+from gateway.admission.client_watch import ClientWatch
 from gateway.errors import GatewayError, UpstreamFailed
-from gateway.observability.metrics import RequestRecord, token_count
+from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord
+from gateway.streaming.response import StreamResponse
+from gateway.streaming.usage import UsageFilter
 from gateway.streaming.uvicorn_fast_path import DirectBodyWriter, ResponseOpener
 from gateway.upstream.calls import OpenStream
 from gateway.upstream.client import Sink
-from gateway.upstream.sse import SEPARATOR, Event, EventSplitter, UsageTail, encode_data, usage_tail
+from gateway.upstream.sse import Event, EventSplitter, UsageTail, usage_tail
 
 logger = logging.getLogger("specgate.relay")
 
 DONE_EVENT = b"data: [DONE]\n\n"
-DISCONNECTED_STATUS = "499"
 BODY_END_WAIT_S = 1.0
 
 
-class UsageFilter:
-    """Reads token counts from each event and shows the client only the usage it asked for."""
-
-    __slots__ = ("_continuous", "_include", "_tokens_seen", "exact")
-
-    def __init__(self, include_usage: bool, continuous_usage: bool) -> None:
-        self._include = include_usage
-        self._continuous = include_usage and continuous_usage
-        self._tokens_seen = 0
-        self.exact = False
-
-    def tokens_in(self, payload: dict[str, Any], record: RequestRecord, has_content: bool) -> int:
-        """Output tokens this event carries, from the worker's cumulative usage when it sends it."""
-        usage = payload.get("usage")
-        if isinstance(usage, dict):
-            completion = token_count(usage.get("completion_tokens"))
-            return self._counted(usage, completion, record, bool(payload.get("choices")))
-        if has_content and not self.exact:
-            # A worker without per-chunk usage: one token per content event is the best estimate.
-            self._tokens_seen += 1
-            record.output_tokens = max(record.output_tokens, self._tokens_seen)
-            return 1
-        return 0
-
-    def take_tail(self, tail: UsageTail, record: RequestRecord) -> tuple[bytes, int] | None:
-        """A content chunk read from its usage (`upstream.sse.usage_tail`): the bytes the client gets and the new
-        tokens it carries; None, with nothing counted, if it carries no new token (the whole parse then takes it,
-        as it takes every event that is not plainly one more token or more)."""
-        raw, at, usage = tail
-        completion = token_count(usage.get("completion_tokens"))
-        if completion <= self._tokens_seen:
-            return None
-        tokens = self._counted(usage, completion, record, True)
-        # Without its usage member: the bytes up to it, and the top-level object's closing brace.
-        return (raw + SEPARATOR if self._continuous else raw[:at] + b"}" + SEPARATOR), tokens
-
-    def _counted(self, usage: dict[str, Any], completion: int, record: RequestRecord, has_choices: bool) -> int:
-        """Take an event's cumulative usage into the record; the new output tokens it carries (none for the
-        usage-only chunk, which has no choices)."""
-        record.prompt_tokens = token_count(usage.get("prompt_tokens")) or record.prompt_tokens
-        record.output_tokens = completion
-        if not has_choices:
-            return 0
-        self.exact = True
-        delta = completion - self._tokens_seen
-        self._tokens_seen = completion
-        return max(delta, 0)
-
-    def client_bytes(self, event: Event) -> bytes | None:
-        """The bytes to send for this event, or None to hold it back (usage the client did not ask for)."""
-        payload = event.payload
-        if payload is None or "usage" not in payload:
-            return event.raw + SEPARATOR
-        if not payload.get("choices"):
-            return event.raw + SEPARATOR if self._include else None
-        if self._continuous:
-            return event.raw + SEPARATOR
-        trimmed = dict(payload)
-        del trimmed["usage"]
-        return encode_data(trimmed)
-
-
-class Relay:
+class Stream:
     """One client stream: `events()` is the response body, `settle()` runs once the response is complete.
 
     At [DONE] the body ends at once, so the client's response completes (and uvicorn starts the next request
@@ -126,16 +74,23 @@ class Relay:
         self.final = False
 
     def attach(self, stream: OpenStream) -> None:
-        """The worker stream this relays, once it is open (a relay made before it is `Relay(None, ...)`)."""
+        """The worker stream this relays, once it is open (a stream made before it is `Stream(None, ...)`)."""
         self._stream = stream
 
-    def open_inline(self, opener: ResponseOpener) -> Sink:
+    def respond(self, watch: ClientWatch, scope: Scope, ping_s: float, send_timeout_s: float) -> StreamResponse:
+        """The client's response, made before the worker stream opens so that its first events can open it from
+        the worker's read callback (`first_read_sink`)."""
+        response = StreamResponse(self, watch=watch, ping=ping_s, sep="\n", send_timeout=send_timeout_s)
+        self._opener = response.inline_opener(scope)
+        return response
+
+    @property
+    def first_read_sink(self) -> Sink | None:
         """A sink for the worker stream's first network read (`Upstream.open_stream`): if the client is writable
-        and the read holds whole events, none of them [DONE] or an error, it counts them and `opener` writes the
-        response's head and them at once, from the read callback. Refused, the stream opens as before, from the
-        request's task; nothing of the read has been counted then."""
-        self._opener = opener
-        return self._open_from_callback
+        and the read holds whole events, none of them [DONE] or an error, it counts them and writes the response's
+        head and them at once, from the read callback. Refused, the stream opens from the request's task; nothing
+        of the read has been counted then. None off the uvicorn fast path."""
+        return self._open_from_callback if self._opener is not None else None
 
     def _open_from_callback(self, data: bytes) -> bool:
         opener = self._opener

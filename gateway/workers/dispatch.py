@@ -15,7 +15,8 @@ from gateway.errors import (
     UpstreamTimeout,
     WorkersBusy,
 )
-from gateway.observability.metrics import Metrics, RequestRecord
+from gateway.observability.metrics import Metrics
+from gateway.observability.record import RequestRecord
 from gateway.schemas import OpenAICall
 from gateway.workers.pool import Worker, WorkerPool
 from gateway.workers.routing import RoutingPolicy, make_policy

@@ -12,7 +12,7 @@ from benchmarks import bench_gateways
 from benchmarks.bench_measure import TOKEN_TEXT, Run
 from benchmarks.bench_report import added_by_round, one_to_one, round_table
 from loadtest.procs import process_cpu_seconds
-from loadtest.records import RequestRecord
+from loadtest.records import RequestResult
 
 
 def test_tiny_benchmark_writes_report_and_delivers_one_to_one(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_process_cpu_time_resolves_less_than_a_clock_tick() -> None:
 def test_tokens_are_one_to_one_only_when_the_text_received_holds_them_all() -> None:
     # The engine reports 5 tokens in its usage whatever reached the client; one event's text was lost.
     def run_with(chars: int) -> dict[str, object]:
-        record = RequestRecord(index=0, ttft_s=0.01, itl_s=[0.01] * 5, output_tokens=5, latency_s=0.06,
+        record = RequestResult(index=0, ttft_s=0.01, itl_s=[0.01] * 5, output_tokens=5, latency_s=0.06,
                                content_chars=chars)
         return Run("relay", 1, records=[record], duration_s=1.0, engine_events=6, engine_tokens=5).row()
 

@@ -146,8 +146,9 @@ def test_reads_the_client_cannot_take_now_and_the_stream_end_come_through_the_ta
     import asyncio
     from typing import cast
 
-    from gateway.observability.metrics import RequestRecord
-    from gateway.streaming.stream import Relay, UsageFilter
+    from gateway.observability.record import RequestRecord
+    from gateway.streaming.stream import Stream
+    from gateway.streaming.usage import UsageFilter
     from gateway.upstream.calls import OpenStream
     from gateway.upstream.client import Sink, WorkerReply
     from gateway.upstream.sse import Event, EventSplitter
@@ -179,7 +180,7 @@ def test_reads_the_client_cannot_take_now_and_the_stream_end_come_through_the_ta
     reply = WorkerReply(200, {}, read, close, read_inline)
     opened = OpenStream(reply, splitter, [Event.parse(raw) for raw in splitter.feed(role + first)], 0.0, 0.1)
     record = RequestRecord(request_id="r", model=MODEL, endpoint="chat", stream=True, received_at=0.0)
-    relay = Relay(opened, record, UsageFilter(True, True), time.perf_counter, lambda done: None)
+    relay = Stream(opened, record, UsageFilter(True, True), time.perf_counter, lambda done: None)
     relay.write_directly(cast(DirectBodyWriter, writer))
 
     async def run() -> None:

@@ -10,7 +10,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.api import forwarding as api
+from gateway.api import routes as api
 from gateway.middleware.fast_routes import HotRoutes
 from gateway.schemas import OpenAICall
 from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, gateway_client, mock_client, settings_for
@@ -48,8 +48,8 @@ async def test_an_unexpected_error_in_a_forwarding_handler_is_a_500_in_the_opena
         raise RuntimeError("a bug")
 
     worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
-    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, _):
-        monkeypatch.setattr(api, "_validated_call", broken)
+    async with gateway_client(settings_for(worker.url), mock_client(worker)) as (client, app):
+        monkeypatch.setattr(app.state.forwarding, "_validated", broken)
         failed = await client.post(api.CHAT_PATH, json=CHAT)
         monkeypatch.undo()
         after = await client.post(api.CHAT_PATH, json=CHAT)

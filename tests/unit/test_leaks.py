@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from gateway.services import Services
-from gateway.streaming import stream as relay_module
+from gateway.streaming import usage as relay_module
 from tests.unit.fakes import (
     CHAT,
     MODEL,

@@ -13,7 +13,7 @@ import pytest
 from loadtest import generator
 from loadtest.fake_config import FakeEngineConfig, FaultConfig
 from loadtest.fake_engine import FakeEngine, run_in_thread
-from loadtest.records import RequestRecord
+from loadtest.records import RequestResult
 from loadtest.runner import LoadConfig, RunResult, arrival_offsets, run_scenario
 from loadtest.sse_client import _complete, _StreamState
 from loadtest.summary import per_token_gaps, summarize
@@ -174,7 +174,7 @@ def test_shared_prefix_chat_builds_histories_per_user() -> None:
     with run_in_thread(engine) as url:
         result = run(base(url, concurrency=3, num_requests=100, workload=workload))
     assert len(result.records) == 6 and all(r.ok for r in result.records)
-    by_user: dict[str, list[RequestRecord]] = {}
+    by_user: dict[str, list[RequestResult]] = {}
     for record in result.records:
         assert record.session is not None
         by_user.setdefault(record.session, []).append(record)
@@ -203,7 +203,7 @@ def test_trace_replay_follows_timestamps(tmp_path: Path) -> None:
 
 
 def test_stream_parser_handles_split_reads_comments_and_errors() -> None:
-    record = RequestRecord(index=0)
+    record = RequestResult(index=0)
     state = _StreamState(record, start=0.0, chat=True, want_text=True)
     chunk = b'data: {"choices":[{"delta":{"content":"ab"}}],"usage":{"completion_tokens":2}}\r\n\r\n'
     stream = b": keep-alive\n\n" + chunk + chunk.replace(b'"ab"', b'"c"').replace(b":2}", b":3}")
@@ -214,13 +214,13 @@ def test_stream_parser_handles_split_reads_comments_and_errors() -> None:
     assert record.chunk_tokens == [2, 1] and record.output_tokens == 3 and record.prompt_tokens == 4
     assert record.saw_done and "".join(state.texts) == "abc" and len(record.itl_s) == 1
 
-    failed = RequestRecord(index=1)
+    failed = RequestResult(index=1)
     _StreamState(failed, 0.0, True, False).feed(b'data: {"error": {"message": "boom"}}\n\n', 0.1)
     assert failed.kind == "stream_error" and failed.error == "boom"
 
 
-def _parsed(events: list[tuple[float, bytes]]) -> tuple[RequestRecord, _StreamState]:
-    record = RequestRecord(index=0)
+def _parsed(events: list[tuple[float, bytes]]) -> tuple[RequestResult, _StreamState]:
+    record = RequestResult(index=0)
     state = _StreamState(record, start=0.0, chat=True, want_text=False)
     for now, event in events:
         state.feed(event + b"\n\n", now)
@@ -254,9 +254,9 @@ def test_e2e_runs_to_the_usage_event_and_a_role_event_is_neither_a_token_nor_a_t
 def test_summary_percentiles_and_goodput() -> None:
     records = []
     for index, (ttft, latency) in enumerate([(0.1, 1.1), (0.2, 1.2), (0.3, 2.3), (0.4, 4.4)]):
-        record = RequestRecord(index=index, ttft_s=ttft, latency_s=latency, output_tokens=11, itl_s=[0.1] * 10)
+        record = RequestResult(index=index, ttft_s=ttft, latency_s=latency, output_tokens=11, itl_s=[0.1] * 10)
         records.append(record)
-    records.append(RequestRecord(index=4, kind="http_503"))
+    records.append(RequestResult(index=4, kind="http_503"))
     summary = summarize(records, 2.0, slos_s={"ttft": 0.25, "tpot": 0.15}, percentiles=(50, 99))
     assert summary["ttft_ms"]["p50"] == pytest.approx(250.0)
     assert summary["ttft_ms"]["p99"] == pytest.approx(397.0)
@@ -290,11 +290,11 @@ def test_rates_after_a_ramp_up_count_what_arrived_in_the_window_from_every_reque
     # Window 1-3 s. The ramp-up request's last two events and its end fall inside it, so do all of the
     # second request and the first event of the third (which ends after the window).
     records = [
-        RequestRecord(index=0, ramp_up=True, start_s=0.0, ttft_s=0.5, itl_s=[1.0, 1.0], chunk_tokens=[0, 1, 1],
+        RequestResult(index=0, ramp_up=True, start_s=0.0, ttft_s=0.5, itl_s=[1.0, 1.0], chunk_tokens=[0, 1, 1],
                       output_tokens=2, latency_s=2.5),
-        RequestRecord(index=1, start_s=1.2, ttft_s=0.3, itl_s=[0.5], chunk_tokens=[1, 1], output_tokens=2,
+        RequestResult(index=1, start_s=1.2, ttft_s=0.3, itl_s=[0.5], chunk_tokens=[1, 1], output_tokens=2,
                       latency_s=0.8),
-        RequestRecord(index=2, start_s=2.5, ttft_s=0.2, itl_s=[0.5], chunk_tokens=[1, 1], output_tokens=2,
+        RequestResult(index=2, start_s=2.5, ttft_s=0.2, itl_s=[0.5], chunk_tokens=[1, 1], output_tokens=2,
                       latency_s=0.7),
     ]
     summary = summarize(records, 2.0, rate_window_s=(1.0, 3.0), slos_s={"ttft": 0.4})

@@ -9,7 +9,7 @@ import pytest
 
 from loadtest.fake_config import FakeEngineConfig, FaultConfig
 from loadtest.fake_engine import FakeEngine, run_in_thread
-from loadtest.records import RequestRecord, RequestSpec
+from loadtest.records import RequestResult, RequestSpec
 from loadtest.runner import LoadConfig, run_scenario
 from loadtest.sse_client import ClientOptions, send_request
 from loadtest.wire_client import Endpoint, StreamClient
@@ -49,12 +49,12 @@ def test_the_request_head_carries_the_options_headers_once_and_the_session() -> 
 def test_a_reused_connection_the_server_dropped_is_replaced_and_the_request_succeeds() -> None:
     heads: list[bytes] = []
 
-    async def two_requests() -> list[RequestRecord]:
+    async def two_requests() -> list[RequestResult]:
         async with serving(answer_once_then_drop(heads)) as worker:
             url = worker.url + "/v1/completions"
             options = ClientOptions(url=url, model="m", chat=False)
             client = StreamClient(url)
-            records = [RequestRecord(index=i) for i in range(2)]
+            records = [RequestResult(index=i) for i in range(2)]
             try:
                 for record in records:
                     await send_request(client, options, RequestSpec(prompt="hi", max_tokens=1, session="u-1"),

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from gateway.observability.metrics import TOKEN_GAP_BUCKETS, TOKENS_PER_CHUNK_BUCKETS, Metrics, RequestRecord
-from gateway.streaming.stream import Relay, UsageFilter
+from gateway.observability.metrics import TOKEN_GAP_BUCKETS, TOKENS_PER_CHUNK_BUCKETS, Metrics
+from gateway.observability.record import RequestRecord
+from gateway.streaming.stream import Stream
+from gateway.streaming.usage import UsageFilter
 from gateway.upstream.calls import OpenStream
 from gateway.upstream.client import reader_of
 from gateway.upstream.sse import Event, EventSplitter
@@ -71,7 +73,7 @@ async def test_relay_stamps_ttft_per_token_and_per_chunk_gaps_from_usage() -> No
     record.worker = "w1"
     metrics = Metrics()
     finished: list[RequestRecord] = []
-    relay = Relay(stream, record, UsageFilter(False, False), clock, finished.append)
+    relay = Stream(stream, record, UsageFilter(False, False), clock, finished.append)
     sent = [chunk async for chunk in relay.events()]
     await relay.settle()
     metrics.record(finished[0])

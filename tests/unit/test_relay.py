@@ -153,8 +153,9 @@ async def test_worker_calls_say_whether_they_stream_and_carry_the_request_id() -
 
 
 async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counted() -> None:
-    from gateway.observability.metrics import RequestRecord
-    from gateway.streaming.stream import Relay, UsageFilter
+    from gateway.observability.record import RequestRecord
+    from gateway.streaming.stream import Stream
+    from gateway.streaming.usage import UsageFilter
     from gateway.upstream.calls import OpenStream
     from gateway.upstream.client import reader_of
     from gateway.upstream.sse import Event, EventSplitter
@@ -173,7 +174,7 @@ async def test_events_of_one_upstream_read_leave_in_one_write_and_each_is_counte
     record = RequestRecord(request_id="r", model=MODEL, endpoint="chat", stream=True, received_at=0.0)
     ticks = iter(float(n) for n in range(1, 100))
     finished: list[RequestRecord] = []
-    relay = Relay(opened, record, UsageFilter(True, True), lambda: next(ticks), finished.append)
+    relay = Stream(opened, record, UsageFilter(True, True), lambda: next(ticks), finished.append)
     writes = [out async for out in relay.events()]
     assert writes == [role + first, second + third, usage + done]
     assert finished == [], "a clean end is recorded by settle(), once the client's response is complete"

@@ -9,7 +9,8 @@ import pytest
 
 from gateway.schemas import OpenAICall, validate_call
 from gateway.workers.pool import Worker
-from gateway.workers.routing import PowerOfTwo, PrefixAware, PrefixIndex, SessionAffinity, block_hashes, make_policy
+from gateway.workers.routing import PowerOfTwo, PrefixAware, SessionAffinity, make_policy
+from gateway.workers.routing.prefix_aware import PrefixIndex, block_hashes
 
 
 def _workers(count: int) -> list[Worker]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.observability.metrics import RequestRecord
-from gateway.streaming.stream import UsageFilter
+from gateway.observability.record import RequestRecord
+from gateway.streaming.usage import UsageFilter
 from gateway.upstream.sse import Event, usage_tail
 
 HEAD = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"demo",'

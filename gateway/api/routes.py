@@ -1,0 +1,91 @@
+"""The gateway's endpoints, thin: the two forwarding routes hand the request to `Forwarding` (forwarding.py); the
+others answer from the pool, the admission state and the metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from gateway.api.forwarding import Forwarding
+from gateway.errors import AuthenticationFailed
+from gateway.middleware.auth import bearer_token, token_matches
+from gateway.middleware.fast_routes import Endpoint
+from gateway.services import Services, get_services
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+
+router = APIRouter()
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def _forwarding(request: Request) -> Forwarding:
+    forwarding: Forwarding = request.app.state.forwarding
+    return forwarding
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _forwarding(request).forward(request, "chat", CHAT_PATH)
+
+
+async def completions(request: Request) -> Response:
+    return await _forwarding(request).forward(request, "completion", COMPLETIONS_PATH)
+
+
+# POSTs to the forwarding routes skip Starlette's routing and exception middleware (middleware/fast_routes.py);
+# in the route table too, as plain Starlette routes (no dependency solving), for the full stack's answers to
+# other methods on these paths.
+FORWARDING_ROUTES: Mapping[str, Endpoint] = MappingProxyType({
+    CHAT_PATH: chat_completions, COMPLETIONS_PATH: completions,
+})
+router.add_route(CHAT_PATH, chat_completions, methods=["POST"])
+router.add_route(COMPLETIONS_PATH, completions, methods=["POST"])
+
+
+@router.get("/health")
+async def health() -> Response:
+    return _json({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(services: ServicesDep) -> Response:
+    if services.drainer.draining:
+        return _json({"status": "shutting down"}, status=503)
+    if services.admission.stalled(services.settings.queue_timeout_s):
+        return _json({"status": "admission saturated: every slot taken, none given back for "
+                      f"{services.settings.queue_timeout_s:g}s"}, status=503)
+    if services.pool.any_ready():
+        return _json({"status": "ready"})
+    return _json({"status": "no worker ready"}, status=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request, services: ServicesDep) -> Response:
+    # Its labels name workers and their load: operators may keep it for their Prometheus alone.
+    token = services.settings.metrics_token
+    if token is not None and not token_matches(bearer_token(request.scope), token.get_secret_value().encode()):
+        error = AuthenticationFailed("/metrics needs the metrics bearer token", code="invalid_metrics_token")
+        return Response(error.body(), status_code=error.http_status, media_type="application/json",
+                        headers={"www-authenticate": "Bearer"})
+    body, content_type = services.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models")
+async def list_models(services: ServicesDep) -> Response:
+    cards = services.pool.models()
+    return _json({"object": "list", "data": [cards[name] for name in sorted(cards)]})
+
+
+@router.get("/admin/workers")
+async def admin_workers(services: ServicesDep) -> Response:
+    return _json({"workers": services.pool.admin_view()})

@@ -1,0 +1,113 @@
+"""What one request did (`RequestRecord`): its timestamps and counts, filled in along the request path and turned
+into metrics and a log line once it ends (metrics.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DISCONNECTED_STATUS = "499"  # the status a request whose client left is counted under (nginx's)
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, as timestamps and counts; the Metrics object turns it into observations.
+
+    Times are from one monotonic clock. `chunk_gaps` holds, for every content event after the first,
+    the gap since the previous content event and the tokens it carried.
+    """
+
+    request_id: str
+    model: str
+    endpoint: str
+    stream: bool
+    received_at: float
+    worker: str = "none"
+    status: str = "200"
+    # When it left the admission queue: admitted, refused (queue full or waited too long) or its client gone.
+    queue_left_at: float | None = None
+    upstream_sent_at: float | None = None
+    upstream_first_token_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    first_chunk_tokens: int = 0
+    chunk_gaps: list[tuple[float, int]] = field(default_factory=list)
+    attempts: int = 0
+    disconnected: bool = False
+
+    def on_content(self, now: float, tokens: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.first_chunk_tokens = tokens
+        else:
+            assert self.last_token_at is not None
+            self.chunk_gaps.append((now - self.last_token_at, tokens))
+        self.last_token_at = now
+
+    @property
+    def queue_seconds(self) -> float | None:
+        return None if self.queue_left_at is None else self.queue_left_at - self.received_at
+
+    @property
+    def ttft_seconds(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.received_at
+
+    @property
+    def upstream_ttft_seconds(self) -> float | None:
+        if self.upstream_first_token_at is None or self.upstream_sent_at is None:
+            return None
+        return self.upstream_first_token_at - self.upstream_sent_at
+
+    @property
+    def e2e_seconds(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.received_at
+
+    def token_gaps(self) -> list[float]:
+        """Per output token: each content gap divided by the tokens of the later event."""
+        gaps: list[float] = []
+        for gap, tokens in self.chunk_gaps:
+            if tokens > 0:
+                gaps.extend([gap / tokens] * tokens)
+        return gaps
+
+    @property
+    def output_tokens_per_second(self) -> float | None:
+        if self.first_token_at is None or self.last_token_at is None or self.output_tokens < 2:
+            return None
+        span = self.last_token_at - self.first_token_at
+        return None if span <= 0 else (self.output_tokens - 1) / span
+
+    def log_fields(self) -> dict[str, object]:
+        counted = [(gap, tokens) for gap, tokens in self.chunk_gaps if tokens > 0]
+        gap_tokens = sum(tokens for _, tokens in counted)
+        # The mean of the per-token gaps (each chunk's gap split over its tokens) is total gap / tokens.
+        tbt_mean = sum(gap for gap, _ in counted) / gap_tokens if gap_tokens else None
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "worker": self.worker,
+            "status": self.status,
+            "stream": self.stream,
+            "attempts": self.attempts,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "queue_s": _round(self.queue_seconds),
+            "ttft_s": _round(self.ttft_seconds),
+            "upstream_ttft_s": _round(self.upstream_ttft_seconds),
+            "tbt_mean_s": _round(tbt_mean),
+            "e2e_s": _round(self.e2e_seconds),
+            "disconnected": self.disconnected,
+        }
+
+
+def token_count(value: object) -> int:
+    """A token count from a worker's usage, or 0 when it is not one: a counter cannot go down, and a string or
+    a negative number would fail the request's accounting."""
+    return value if type(value) is int and value > 0 else 0
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
