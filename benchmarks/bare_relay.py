@@ -27,7 +27,7 @@ import uvloop
 
 from gateway.server import ACCEPT_HANDLES
 from gateway.settings import GatewaySettings
-from gateway.upstream.http1.client import WireWorkerClient
+from gateway.upstream.http1.client import Http1WorkerClient
 
 HEALTH_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{\"status\":\"ok\"}"
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
@@ -39,7 +39,7 @@ REQUEST_ID = "bare-relay"
 class ClientConnection(asyncio.Protocol):
     """One client connection; a request complete in the parser becomes one task that relays its answer."""
 
-    def __init__(self, client: WireWorkerClient, worker_url: str) -> None:
+    def __init__(self, client: Http1WorkerClient, worker_url: str) -> None:
         self._client = client
         self._worker_url = worker_url
         self._parser = httptools.HttpRequestParser(self)
@@ -95,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
 
 async def serve(worker_url: str, host: str, port: int) -> None:
     settings = GatewaySettings(workers=[worker_url])
-    client = WireWorkerClient(settings)
+    client = Http1WorkerClient(settings)
     loop = asyncio.get_running_loop()
     bound = socket.create_server((host, port), backlog=2048)
     # As the gateway listens (gateway/server.py): several handles on one socket, so a ramp-up's connections
