@@ -1,4 +1,26 @@
-"""Errors stage: one exception tree, rendered as an OpenAI error body before bytes or an SSE event after."""
+"""The gateway's one exception tree. A `GatewayError` is rendered as an OpenAI error envelope with its status
+before a response starts, and as one final SSE error event after. The rest are signals that never reach a client
+as such: the client left, or a guarded wait ran out (its user turns it into one of the errors).
+
+    GatewayError (500 internal_error)
+    ├── InvalidRequest (400)
+    ├── AuthenticationFailed (401)
+    ├── NotFound (404) ── ModelNotFound
+    ├── MethodNotAllowed (405)
+    ├── RequestTimedOut (408)              the HTTP edge: a request head or body that stalls
+    ├── RequestTooLarge (413)
+    ├── HeadersTooLarge (431)
+    ├── Overloaded (429) ── WorkersBusy    admission full; every worker answered 429 (their Retry-After)
+    ├── UpstreamRejected (the worker's 4xx, its envelope passed on)
+    ├── UpstreamFailed (502)               upstream/http1/errors.py: the worker client's own, each one of these:
+    │   └── WorkerConnectionError             WorkerUnreachable, WorkerConnectTimeout, WorkerHungUp,
+    │                                         WorkerBodyCut, WorkerBadResponse, WorkerReadTimeout (also 504)
+    ├── UpstreamTimeout (504)
+    ├── NoWorkerAvailable (503)
+    └── ShuttingDown (503)
+    ClientDisconnected                     the client went away: counted (499), never answered
+    WaitTooLong, DeadlinePassed            a WaitGuard's limit or the drain's deadline (admission/deadlines.py)
+"""
 
 from __future__ import annotations
 
@@ -178,3 +200,11 @@ class RequestTimedOut(GatewayError):
     status = 408
     error_type = "invalid_request_error"
     default_code = "request_timeout"
+
+
+class WaitTooLong(TimeoutError):
+    """One guarded wait lasted longer than its guard's limit (admission/deadlines.py)."""
+
+
+class DeadlinePassed(TimeoutError):
+    """The guard's deadline passed: the shutdown drain's end."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -65,3 +70,43 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0, interval_s
             return True
         time.sleep(interval_s)
     return condition()
+
+
+@dataclass
+class GatewayProcess:
+    """`specgate gateway` as users run it, in its own process."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(self.url + "/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+@contextlib.contextmanager
+def gateway_process(worker_url: str, **settings: str) -> Iterator[GatewayProcess]:
+    """The gateway in front of `worker_url`, with `settings` as SPECGATE_* variables, ready; killed at the end
+    if it has not exited by then."""
+    port = free_port()
+    env = {**os.environ, "SPECGATE_REQUEST_LOG": "false",
+           **{f"SPECGATE_{name.upper()}": value for name, value in settings.items()}}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "gateway", "--workers", worker_url, "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    gateway = GatewayProcess(f"http://127.0.0.1:{port}", process)
+    try:
+        if not wait_until(gateway.ready, timeout_s=60):
+            raise RuntimeError("the gateway never became ready")
+        yield gateway
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

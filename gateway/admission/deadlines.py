@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from gateway.errors import DeadlinePassed, WaitTooLong
+
 
 @dataclass(frozen=True)
 class FirstTokenBudget:
@@ -28,14 +30,6 @@ class FirstTokenBudget:
     def limit_s(self, body_bytes: int, waiting: float) -> float:
         scaled = self.base_s + self.per_prompt_kib_s * body_bytes / 1024 + self.per_waiting_s * max(waiting, 0.0)
         return min(self.cap_s, scaled)
-
-
-class WaitTooLong(TimeoutError):
-    """One wait lasted longer than the guard's limit."""
-
-
-class DeadlinePassed(TimeoutError):
-    """The guard's deadline passed (the gateway's shutdown drain)."""
 
 
 class WaitGuard:

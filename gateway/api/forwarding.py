@@ -21,9 +21,10 @@ from fastapi.responses import Response
 
 from gateway.admission.admission import AdmittedRequest
 from gateway.admission.client_watch import ClientWatch
-from gateway.admission.deadlines import DeadlinePassed, WaitGuard
+from gateway.admission.deadlines import WaitGuard
 from gateway.errors import (
     ClientDisconnected,
+    DeadlinePassed,
     GatewayError,
     ModelNotFound,
     RequestTooLarge,

@@ -36,8 +36,8 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.admission.client_watch import ClientWatch
-from gateway.admission.deadlines import WaitGuard, WaitTooLong
-from gateway.errors import ClientDisconnected
+from gateway.admission.deadlines import WaitGuard
+from gateway.errors import ClientDisconnected, WaitTooLong
 from gateway.middleware.fast_routes import APP_SEND
 from gateway.streaming.uvicorn_fast_path import (
     DirectBodyWriter,

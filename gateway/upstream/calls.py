@@ -6,14 +6,16 @@ import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from gateway.admission.deadlines import DeadlinePassed, FirstTokenBudget, WaitGuard, WaitTooLong
+from gateway.admission.deadlines import FirstTokenBudget, WaitGuard
 from gateway.errors import (
+    DeadlinePassed,
     GatewayError,
     NoWorkerAvailable,
     ShuttingDown,
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
+    WaitTooLong,
     WorkersBusy,
 )
 from gateway.settings import GatewaySettings

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway.admission.deadlines import DeadlinePassed, WaitGuard, WaitTooLong
+from gateway.admission.deadlines import WaitGuard
+from gateway.errors import DeadlinePassed, WaitTooLong
 
 
 async def _value_after(delay_s: float, value: str = "done") -> str:

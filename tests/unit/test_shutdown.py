@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.unit.fakes import STREAM, SlowWorker, free_port, serve_in_thread, vllm_stream, wait_until
+from tests.support import gateway_process
+from tests.unit.fakes import STREAM, SlowWorker, serve_in_thread, vllm_stream, wait_until
 
 
 @pytest.fixture
@@ -22,23 +20,9 @@ def worker_url() -> Iterator[str]:
         yield url
 
 
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_sigterm_drains_answering_new_work_with_503_and_exits_0(worker_url: str) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SPECGATE_SHUTDOWN_GRACE_S": "20", "SPECGATE_REQUEST_LOG": "false"}
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "gateway", "--workers", worker_url, "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_until(lambda: _ready(url), timeout_s=60), "the gateway never became ready"
+    with gateway_process(worker_url, shutdown_grace_s="20") as gateway:
+        url = gateway.url
         with (
             httpx.Client(base_url=url, timeout=30) as idle_keep_alive,
             httpx.Client(base_url=url, timeout=30) as streamer,
@@ -57,7 +41,7 @@ def test_sigterm_drains_answering_new_work_with_503_and_exits_0(worker_url: str)
             reader = threading.Thread(target=read_stream)
             reader.start()
             assert first_event.wait(30), "the stream never started"
-            gateway.send_signal(signal.SIGTERM)
+            gateway.process.send_signal(signal.SIGTERM)
 
             # Still answering, on a new connection and on the idle keep-alive one.
             assert wait_until(lambda: httpx.get(url + "/ready", timeout=5).status_code == 503, timeout_s=10)
@@ -71,26 +55,11 @@ def test_sigterm_drains_answering_new_work_with_503_and_exits_0(worker_url: str)
             reader.join(30)
         assert events[-1] == "data: [DONE]", events[-3:]
         assert len(events) > 60
-        assert gateway.wait(30) == 0
-    finally:
-        if gateway.poll() is None:
-            gateway.kill()
-            gateway.wait()
+        assert gateway.process.wait(30) == 0
 
 
 def test_sigterm_with_nothing_open_exits_0_at_once(worker_url: str) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "gateway", "--workers", worker_url, "--port", str(port)],
-        env={**os.environ, "SPECGATE_SHUTDOWN_GRACE_S": "60"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_until(lambda: _ready(url), timeout_s=60)
-        gateway.send_signal(signal.SIGTERM)
+    with gateway_process(worker_url, shutdown_grace_s="60") as gateway:
+        gateway.process.send_signal(signal.SIGTERM)
         # Well inside the 60 s grace: nothing was open to wait for.
-        assert gateway.wait(20) == 0
-    finally:
-        if gateway.poll() is None:
-            gateway.kill()
-            gateway.wait()
+        assert gateway.process.wait(20) == 0

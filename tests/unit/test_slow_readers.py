@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import httpx
 import psutil
 import pytest
 
-from tests.unit.fakes import MODEL, SlowWorker, chat_chunk, free_port, serve_in_thread, wait_until
+from tests.support import gateway_process
+from tests.unit.fakes import MODEL, SlowWorker, chat_chunk, serve_in_thread, wait_until
 
 # ~16 MB of stream, written as fast as the worker can: far more than every socket buffer on the way can hold.
 BIG_EVENT = chat_chunk("x" * 4000, None)
@@ -25,13 +23,6 @@ def flooding_worker() -> Iterator[tuple[SlowWorker, str]]:
     worker = SlowWorker([chat_chunk("", None, role="assistant"), *[BIG_EVENT] * EVENTS], gap_s=0)
     with serve_in_thread(worker) as url:
         yield worker, url
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _stalled_reader(port: int) -> socket.socket:
@@ -57,16 +48,9 @@ def test_a_reader_that_stops_is_dropped_with_its_queue_and_its_worker_request_af
     flooding_worker: tuple[SlowWorker, str],
 ) -> None:
     worker, worker_url = flooding_worker
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SPECGATE_SSE_SEND_TIMEOUT_S": "1", "SPECGATE_REQUEST_LOG": "false"}
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "gateway", "--workers", worker_url, "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert wait_until(lambda: _ready(url), timeout_s=60), "the gateway never became ready"
-        client = _stalled_reader(port)
+    with gateway_process(worker_url, sse_send_timeout_s="1") as gateway:
+        url = gateway.url
+        client = _stalled_reader(gateway.port)
         client_port = client.getsockname()[1]
         try:
             assert wait_until(worker.started.is_set, timeout_s=20)
@@ -74,13 +58,10 @@ def test_a_reader_that_stops_is_dropped_with_its_queue_and_its_worker_request_af
             assert wait_until(worker.disconnected.is_set, timeout_s=30), "the worker request was never closed"
             assert not worker.completed.is_set()
             # ...and the client's connection is dropped, what was queued for it with it, not left to drain.
-            assert wait_until(lambda: not _connected_to(gateway.pid, client_port), timeout_s=10)
+            assert wait_until(lambda: not _connected_to(gateway.process.pid, client_port), timeout_s=10)
             in_flight = httpx.get(url + "/metrics", timeout=5).text
             assert f'specgate_in_flight{{model="{MODEL}"}} 0.0' in in_flight
         finally:
             client.close()
         # The gateway serves on.
-        assert _ready(url)
-    finally:
-        gateway.terminate()
-        gateway.wait(30)
+        assert gateway.ready()
