@@ -18,7 +18,7 @@ RECIPE_VERSION = 2
 MANIFEST = "specgate_model.json"
 TARGET_DIR = "demo-target"
 DRAFT_DIR = "demo-draft"
-SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>"]
+SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n"
@@ -149,7 +149,7 @@ def _train_tokenizer(corpus: list[str], recipe: Recipe) -> Any:
     core.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=recipe.vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

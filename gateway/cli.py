@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 DEFAULT_PROFILE = "cpu-demo"
 DEFAULT_WORKER_PORT = 8100
@@ -67,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {
+PASS_THROUGH: Mapping[str, str] = MappingProxyType({
     "loadtest": "loadtest.generator",
     "fake-engine": "loadtest.fake_engine",
     "bench": "loadtest.vllm_bench",
-}
+})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

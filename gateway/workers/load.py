@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 # vLLM metric name -> WorkerLoad field; counters are summed over their label sets.
-SIGNALS = {
+SIGNALS: Mapping[str, str] = MappingProxyType({
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
     "vllm:kv_cache_usage_perc": "kv_cache_usage",
@@ -14,7 +16,7 @@ SIGNALS = {
     "vllm:spec_decode_num_draft_tokens_total": "draft_tokens",
     "vllm:spec_decode_num_accepted_tokens_total": "accepted_tokens",
     "vllm:spec_decode_num_drafts_total": "drafts",
-}
+})
 _PREFIXES = tuple(SIGNALS)
 
 
