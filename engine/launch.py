@@ -1,4 +1,4 @@
-"""Launch stage: start one vLLM worker process, wait until it answers /health, stop it with its children."""
+"""Starts one vLLM worker process, waits until it answers /health, and stops it with its children."""
 
 from __future__ import annotations
 

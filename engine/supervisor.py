@@ -1,4 +1,4 @@
-"""Supervise stage: run N workers (each on its own port, and core when there are enough) and restart any that crash."""
+"""Runs N workers (each on its own port, and core when there are enough) and restarts any that crash."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def cpu_binding(index: int, profile: EngineProfile, workers: int) -> str | None:
     """On CPU, give each worker its own cores while one core is left for everything else.
 
     Workers pinned to every core leave their API servers, engine cores and the gateway to queue behind the
-    pinned threads: on 2 cores with 2 pinned workers, a 1-token request to an idle worker beside a busy one
-    took up to 20 s; unpinned, at most 1.1 s (README.md, "vLLM CPU workers: what we measured").
+    pinned threads, so an idle worker beside a busy one answers late; with no core to spare, workers run
+    unpinned with their share of OpenMP threads (README.md, "vLLM CPU workers: what we measured").
     """
     if profile.device != "cpu":
         return None

@@ -1,4 +1,4 @@
-"""App stage: create_app(settings) wires the stages together; the lifespan owns pool, client and tasks."""
+"""The gateway as an ASGI app: `create_app(settings)` wires its parts; the lifespan owns pool, client and tasks."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from gateway.api.forwarding import Forwarding
 from gateway.api.routes import FORWARDING_ROUTES, router
 from gateway.errors import ClientDisconnected, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.middleware.auth import ApiKeyMiddleware
-from gateway.middleware.fast_routes import Endpoint, HotRoutes, wrapped_in
+from gateway.middleware.fast_routes import Endpoint, FastRoutes, wrapped_in
 from gateway.middleware.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.observability.metrics import Metrics
@@ -44,27 +44,28 @@ class GatewayApp(FastAPI):
     POSTs to the forwarding routes served off Starlette's routing and exception middleware
     (middleware/fast_routes.py)."""
 
-    def __init__(self, hot_routes: Mapping[str, Endpoint], drainer: Drainer, **kwargs: Any) -> None:
+    def __init__(self, fast_routes: Mapping[str, Endpoint], drainer: Drainer, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._drainer = drainer
-        self._hot_routes = HotRoutes(hot_routes, self.exception_handlers)
-        self._hot_stack: ASGIApp | None = None
+        self._fast_routes = FastRoutes(fast_routes, self.exception_handlers)
+        self._fast_stack: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[TRANSPORT_SEND] = send
         if self._drainer.draining and scope["type"] == "http":
             send = _closing_connection(send)
         try:
-            if self._hot_routes.serves(scope):
+            if self._fast_routes.serves(scope):
                 scope["app"] = self
-                if self._hot_stack is None:  # built at the first request, as Starlette builds its own stack
-                    self._hot_stack = wrapped_in(self.user_middleware, self._hot_routes)
-                await self._hot_stack(scope, receive, send)
+                if self._fast_stack is None:  # built at the first request, as Starlette builds its own stack
+                    self._fast_stack = wrapped_in(self.user_middleware, self._fast_routes)
+                await self._fast_stack(scope, receive, send)
             else:
                 await super().__call__(scope, receive, send)
         finally:
-            # uvicorn's `send` is a method of the object that holds the scope: left in it, that reference cycle
-            # kept each request's objects (~20) for the collector to find (loadtest/results/profile.md).
+            # uvicorn's `send` is a method of the object that holds the scope: left in it, a reference cycle that
+            # leaves each request's objects to the collector (docs/design/performance.md, "No cyclic garbage
+            # per request").
             del scope[TRANSPORT_SEND]
 
 

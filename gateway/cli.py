@@ -18,7 +18,8 @@ def _gateway_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="gateway YAML (configs/gateway.yaml)")
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8000)")
-    # Named, not imported from gateway.workers.routing: that import costs every command half a second.
+    # Named, not imported from gateway.workers.routing: that import would load the gateway's dependencies
+    # (pydantic, prometheus_client) for every command, the engine's too.
     parser.add_argument("--routing", help=f"the default routing policy: {' | '.join(ROUTING_POLICIES)}")
     parser.add_argument("--log-level", dest="log_level")
 

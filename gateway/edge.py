@@ -1,4 +1,4 @@
-"""Edge stage: the HTTP/1.1 protocol the gateway serves with, uvicorn's httptools protocol with bounds.
+"""The HTTP/1.1 protocol the gateway serves with: uvicorn's httptools protocol with bounds.
 
 Stock uvicorn takes a request head of any size with any number of headers, waits forever for a head or a
 body that stalls, and answers malformed framing with a plain-text 400. `EdgeProtocol` is that protocol with:
@@ -21,8 +21,8 @@ body that stalls, and answers malformed framing with a plain-text 400. `EdgeProt
 Contract: pass `edge_protocol(limits)` as `uvicorn.Config(http=...)`. Only request-parsing callbacks do work:
 one `loop.call_later` handle per connection, armed at a head's start and cancelled when its request has been
 read, and re-armed lazily (a body chunk only stores the time). The response path, uvicorn's
-`RequestResponseCycle` (streaming/uvicorn_fast_path.py relies on it), is uvicorn's own and unchanged. Written against
-the uvicorn versions in `TESTED_UVICORN`; tests/unit/test_edge.py fails on any other.
+`RequestResponseCycle` (streaming/uvicorn_fast_path.py relies on it), is uvicorn's own and unchanged. Written
+against the uvicorn versions in `TESTED_UVICORN`; tests/unit/test_edge.py fails on any other.
 """
 
 from __future__ import annotations

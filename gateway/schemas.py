@@ -1,4 +1,4 @@
-"""Parse stage: OpenAI request schemas (plus vLLM's extra parameters) and their validation to 400s."""
+"""OpenAI request schemas (plus vLLM's extra parameters) and their validation to 400s."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class StreamOptions(TypedDict, total=False):
 
 
 # The schemas are TypedDicts, not models: validating one checks the keys a request has and builds nothing else,
-# where a model with ~80 fields (most of them vLLM's pass-through extras) filled in every default: 20.7 → 5.7 µs
-# per chat request warm, several times that on a lone request's cold path.
+# where a model with ~80 fields (most of them vLLM's pass-through extras) would fill in every default
+# (docs/design/performance.md, "TypedDict schemas").
 class SamplingFields(TypedDict, total=False):
     """Fields shared by chat and completions, with the bounds OpenAI and vLLM enforce."""
 

@@ -1,4 +1,4 @@
-"""Serve stage: run the app under uvicorn, draining open streams gracefully on SIGTERM or Ctrl-C."""
+"""Runs the app under uvicorn, draining open streams gracefully on SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -23,16 +23,14 @@ from gateway.settings import GatewaySettings
 # Beyond the drain grace, so streams end with the gateway's own error event rather than being cut.
 UVICORN_MARGIN_S = 5
 # Net new container objects before a young collection (CPython's default is 700), and middle-generation
-# collections between two full ones (default 10); cyclic garbage stays bounded by the first: 100,000 objects
-# left to the collector start a collection. At 10,000, streams starting and ending at 300 streams drifted
-# the count past it every second or two, each time a 14-26 ms pause that found nothing
-# (loadtest/results/profile.md).
+# collections between two full ones (default 10). Cyclic garbage stays bounded by the first: 100,000 objects
+# left to the collector start a collection. Set high so that streams starting and ending under load do not
+# set off collections that pause every stream and find nothing (docs/design/performance.md, "gc thresholds").
 YOUNG_COLLECTION_AFTER = 100_000
 FULL_COLLECTION_AFTER = 1000
-# libuv (uvloop's core) accepts one connection per listening handle per event-loop turn (libuv#3696). With
-# hundreds of streams to relay a turn takes tens of ms, so new connections waited in the kernel's queue, one let
-# in per turn: at 300 streams the last connections of a ramp-up waited up to 3 s (loadtest/results/profile.md,
-# "New connections under load"). Each extra handle on the same socket lets one more in per turn.
+# libuv (uvloop's core) accepts one connection per listening handle per event-loop turn (libuv#3696), and with
+# hundreds of streams to relay a turn is long, so new connections wait in the kernel's queue. Each extra handle
+# on the same socket lets one more in per turn (docs/design/performance.md, "New connections under load").
 ACCEPT_HANDLES = 16
 
 
@@ -51,11 +49,10 @@ class DrainingServer(uvicorn.Server):
         gc.collect()
         gc.freeze()
         # The requests' own objects are freed by reference counting (no request leaves a reference cycle:
-        # gateway/app.py, gateway/upstream/calls.py, tests/unit/test_garbage.py), so collections find nothing, yet
-        # with CPython's defaults a hundred open streams set off ~15 young collections a second (2-5 ms each),
-        # a middle one each second (~10 ms) and a full one every few seconds (10-50 ms), every one a pause for
-        # all streams; with these thresholds only growth of the live set by 100,000 objects starts one
-        # (loadtest/results/profile.md).
+        # gateway/app.py, gateway/middleware/fast_routes.py, tests/unit/test_garbage.py), so collections find
+        # nothing, yet at CPython's defaults open streams set off young, middle and full collections every second
+        # or few, each a pause for all streams; with these thresholds only growth of the live set by 100,000
+        # objects starts one (docs/design/performance.md, "gc thresholds").
         gc.set_threshold(YOUNG_COLLECTION_AFTER, gc.get_threshold()[1], FULL_COLLECTION_AFTER)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -95,7 +92,8 @@ def logging_off_the_loop() -> Iterator[None]:
 
 
 def serve(settings: GatewaySettings) -> None:
-    # httpx logs every upstream request at INFO: a log line per request on the hot path.
+    # httpx logs every request it makes at INFO; the gateway's worker calls do not use it, but `specgate up`'s
+    # supervisor polls restarting workers' /health with it (engine/launch.py) in this process.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)
     config = server_config(settings, app)

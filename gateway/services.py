@@ -1,4 +1,4 @@
-"""Wiring stage: the per-process objects every handler needs, built once by the app factory."""
+"""The per-process objects every handler needs (`Services`), built once by the app factory."""
 
 from __future__ import annotations
 

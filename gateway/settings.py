@@ -1,4 +1,4 @@
-"""Settings stage: one GatewaySettings per process, from CLI > env (SPECGATE_*) > YAML > defaults."""
+"""The gateway's settings: one GatewaySettings per process, from CLI > env (SPECGATE_*) > YAML > defaults."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Admit stage: bounded concurrency with a bounded, timed queue; overflow is a 429 with Retry-After.
+"""Bounded concurrency with a bounded, timed queue; overflow is a 429 with Retry-After.
 
 A slot is only ever taken by `Admission.acquire()`, and what it returns, a `Ticket`, gives it back exactly once
 however the request ends. `stalled()` says whether the gateway can admit at all: every slot taken and none

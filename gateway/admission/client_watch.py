@@ -1,10 +1,10 @@
-"""Disconnect stage: watch a request's client from admission to the end of its response, on one task.
+"""Watches a request's client from admission to the end of its response, on one task.
 
 When the client leaves, the watcher cancels the request's own task: whatever it waits on (the queue, the
 worker's status line, the first token, a non-streaming call, a stream write) unwinds, and that wait's
 cleanup closes the worker request. The work stays in the request's task rather than racing a work task
-against a watcher task: each hand-off between tasks costs a full event-loop turn, which under load is
-milliseconds of TTFT (loadtest/results/profile.md, "Event-loop turns on the request path").
+against a watcher task: each hand-off between tasks costs an event-loop turn, which under load adds to the
+time to first token (docs/design/performance.md, "Event-loop turns on the request path").
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Timing stage: bounds on a stream's per-event waits, with one timer per stream and no wrapper per wait.
+"""Time bounds on a request's waits: the first-token budget, and `WaitGuard` (one timer per stream, not per wait).
 
 `asyncio.timeout` builds a Timeout and schedules and cancels a timer handle every time it is entered, and a
-coroutine wrapped around each wait costs a frame per event; around each upstream read and each client write
-of a stream that was several percent of the gateway's CPU under load (loadtest/results/profile.md), for
-bounds that almost never fire. A `WaitGuard` arms one periodic timer per stream instead, and the wait it
-bounds stays a plain `await` between `begin()` and `end()`.
+coroutine wrapped around each wait costs a frame per event: a cost paid on each upstream read and each client
+write of a stream, for bounds that almost never fire. A `WaitGuard` arms one periodic timer per stream instead, and
+the wait it bounds stays a plain `await` between `begin()` and `end()` (docs/design/performance.md, "One timer
+per stream").
 """
 
 from __future__ import annotations

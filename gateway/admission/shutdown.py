@@ -1,6 +1,7 @@
-"""Shutdown stage: on SIGTERM refuse new work, let open streams and calls run for a grace period, then end
-them (a stream with a final error event, a whole call with a 503), before the server's own deadline cuts them
-without a word.
+"""The shutdown drain: on SIGTERM, new work refused and open streams and calls given a grace period, then ended.
+
+Once the grace has run out, a stream ends with a final error event and a whole call with a 503, before the
+server's own deadline would cut them without a word.
 
 While it drains the gateway keeps accepting connections: `/ready` answers 503, new requests 503 with
 Retry-After, and every answer carries `connection: close`, so load balancers and keep-alive clients move on.
@@ -14,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-logger = logging.getLogger("specgate.drain")
+logger = logging.getLogger("specgate.shutdown")
 
 POLL_S = 0.05
 ENDING_MARGIN_S = 1.0

@@ -1,4 +1,4 @@
-"""Auth stage: bearer API keys on the API and admin routes, compared in constant time."""
+"""Bearer API keys on the API and admin routes, compared in constant time."""
 
 from __future__ import annotations
 

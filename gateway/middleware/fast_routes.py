@@ -1,14 +1,13 @@
-"""Hot-route stage: the forwarding routes, served without Starlette's routing and exception middleware.
+"""Serves the forwarding routes without Starlette's routing and exception middleware.
 
-Between the app's entry and a forwarding handler a request passed Starlette's error middleware, the gateway's
-own middleware, Starlette's exception middleware, FastAPI's exit-stack middleware, the router's match over
-every route and the route's request/response wrapper (which wraps exceptions once more): ~0.17 ms of a lone
-request's ~0.9 ms in the gateway before the worker has it, and a share of every request's CPU under load
-(loadtest/results/profile.md, "Per-request trims"). Here a POST to one of these paths goes through the app's
-user middleware (request id, API keys: the same classes with the same arguments, built the way Starlette
-builds them) straight to its handler, and its errors go to the app's own exception handlers, looked up as
-Starlette's exception middleware looks them up (an HTTP exception's status code first, then the exception's
-class and its bases). Every other request, and any other method on these paths (405), takes the full stack.
+A POST to one of these paths goes through the app's user middleware (request id, API keys: the same classes
+with the same arguments, built the way Starlette builds them) straight to its handler, and its errors go to the
+app's own exception handlers, looked up as Starlette's exception middleware looks them up (an HTTP exception's
+status code first, then the exception's class and its bases). Every other request, and any other method on
+these paths (405), takes the full stack. What is skipped (Starlette's error and exception middleware, FastAPI's
+exit-stack middleware, the router's match over every route, the route's request/response wrapper) costs every
+request, and what these routes need of it is done here (docs/design/performance.md, "Per-request trims:
+forwarding routes off Starlette's stack").
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
-class HotRoutes:
+class FastRoutes:
     """ASGI app for POST on a fixed set of paths; `serves(scope)` says whether a request is one of them."""
 
     def __init__(self, endpoints: Mapping[str, Endpoint], handlers: Mapping[Any, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Request-id stage: every response carries x-request-id, the client's own when it sent one."""
+"""Gives every response an x-request-id, the client's own when it sent one."""
 
 from __future__ import annotations
 

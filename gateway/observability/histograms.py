@@ -1,10 +1,10 @@
 """Histograms that take one value many times in one call, for per-token figures.
 
 prometheus_client's Histogram.observe costs one call (a bisect, a lock, two increments) per value: for the
-time between tokens that is one call per output token of every request, ~10% of the gateway's CPU at a few
-hundred streams (loadtest/results/profile.md). A stream's tokens arrive in chunks whose tokens share one gap,
-so `observe(value, times)` counts a whole chunk at once. Exposed through the registry's collector API in the
-same text format, so nothing downstream tells the two apart.
+time between tokens, one call per output token of every request. A stream's tokens arrive in chunks whose
+tokens share one gap, so `observe(value, times)` counts a whole chunk at once (docs/design/performance.md,
+"Batch histograms"). Exposed through the registry's collector API in the same text format, so nothing
+downstream tells the two apart.
 """
 
 from __future__ import annotations

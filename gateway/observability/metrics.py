@@ -158,7 +158,8 @@ class Metrics:
 
     def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, looked up once: prometheus_client validates the labels and takes a lock on
-        every call (12 calls per request, ~5 % of the gateway's CPU on short requests)."""
+        every call, and a request makes a dozen (docs/design/performance.md, "Worker calls without httpx's
+        request objects")."""
         key = (metric, labels)
         found = self._children.get(key)
         if found is None:

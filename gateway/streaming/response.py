@@ -1,25 +1,23 @@
-"""Response stage: sse-starlette's EventSourceResponse, run with less machinery per stream.
+"""A stream's response: sse-starlette's EventSourceResponse, run with less machinery per stream.
 
-Profiles (loadtest/results/profile.md) showed sse-starlette's per-stream costs: an anyio cancel scope around
-every write, a task group of four tasks per response, and, under load, the event-loop turns that every hand-off
-between those tasks adds to the time to first token. Here the stream is sent from the request's own task, the
-client is watched by the request's one ClientWatch (admission/client_watch.py), and one watchdog timer bounds the
-writes (admission/deadlines.py). Pings start from a timer: most streams end before their first ping is due, and a
-task per stream that sleeps and is cancelled at the end cost ~2 % of the CPU with short requests. The send
-lock only orders pings against the stream's last write, so a stream that never pinged ends without it (taking
-an anyio lock costs an event-loop turn). sse-starlette's shutdown listener is not started: the gateway's
-drainer ends streams on shutdown with an error event (gateway/admission/shutdown.py). The event framing, ping messages,
-ping loop and send lock are sse-starlette's.
+The stream is sent from the request's own task, with no task group: the client is watched by the request's one
+ClientWatch (admission/client_watch.py) and one WaitGuard bounds the writes (admission/deadlines.py), where
+sse-starlette would put a cancel scope around every write and run four tasks per response, every hand-off
+between them an event-loop turn (docs/design/performance.md, "Plain tasks instead of sse-starlette's task
+group"). Pings start from a timer, since most streams end before their first ping is due. The send lock only
+orders pings against the stream's last write, so a stream that never pinged ends without it (taking an anyio
+lock costs an event-loop turn). sse-starlette's shutdown listener is not started: the gateway's drainer ends
+streams on shutdown with an error event (admission/shutdown.py). The event framing, ping messages, ping loop
+and send lock are sse-starlette's.
 
 The response start goes through the whole middleware chain (it stamps the request id); the body goes straight
-to the server's `send` (`TRANSPORT_SEND`, put in the scope by the app): the four wrappers between them
-(Starlette's error and exception middleware twice, the request id) only act on the start, and cost a
-coroutine each per event. The start and the events the stream opened on leave in one write (`writes_joined`):
-one syscall and one client wake-up less per stream. Once the start is out, the relay is handed a direct writer
-for the same response (`direct_to`, uvicorn_fast_path.py): events that arrive while the stream waits are
-written from the worker connection's read callback, and only what that cannot write comes through this send
-loop. Where the stream opened from that callback (`inline_opener`: the head and the first events written there
-as soon as they arrived), the response only sends what follows.
+to the server's `send` (`TRANSPORT_SEND`, put in the scope by the app): the wrappers between them only act on
+the start, and would cost a coroutine each per event. The start and the events the stream opened on leave in
+one write (`writes_joined`): one syscall and one client wake-up less per stream. Once the start is out, the
+source is handed a direct writer for the same response (`write_directly`, uvicorn_fast_path.py): events that
+arrive while the stream waits are written from the worker connection's read callback, and only what that cannot
+write comes through this send loop. Where the stream opened from that callback (`inline_opener`: the head and
+the first events written there as soon as they arrived), the response only sends what follows.
 """
 
 from __future__ import annotations

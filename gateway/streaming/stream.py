@@ -25,7 +25,7 @@ from gateway.upstream.calls import OpenStream
 from gateway.upstream.client import Sink
 from gateway.upstream.sse import Event, EventSplitter, UsageTail, usage_tail
 
-logger = logging.getLogger("specgate.relay")
+logger = logging.getLogger("specgate.stream")
 
 DONE_EVENT = b"data: [DONE]\n\n"
 BODY_END_WAIT_S = 1.0
@@ -42,10 +42,11 @@ class Stream:
     Given a direct writer (`write_directly`), the events that arrive while `events()` waits for the worker are
     counted and written from the worker connection's read callback (`_inline`): no task wake-up, generator step
     or ASGI send per event. What that callback cannot finish (the stream's end, an error event, an event split
-    across reads, a client under flow control) it refuses, and `events()` takes it as before. With an opener
-    (`open_inline`), the stream's first events and the response's head go out from that callback too, so the
-    first token reaches the client without the task's wake-up on its way: a turn of the event loop, which under
-    load is most of what a gateway adds to the time to first token.
+    across reads, a client under flow control) it refuses, and `events()` takes it, in order. With an opener
+    (made by `respond`, used by `first_read_sink`), the stream's first events and the response's head go out
+    from that callback too, so the first token reaches the client without waiting for the task's wake-up, a turn
+    of the event loop (docs/design/performance.md, "Events relayed from the worker's read callback" and "A stream
+    opens from the read callback").
     """
 
     __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_opened", "_opened_inline", "_opener", "_record",
@@ -118,8 +119,8 @@ class Stream:
     def opening(self) -> bytes | None:
         """The bytes of the events the stream opened on, for the response to write with its head (they are here
         already: no wait). `events()` then starts after them; `final` says whether they end the body. None: the
-        head and those events went out from the worker's read callback (`open_inline`), and events that arrive
-        next go out from there too."""
+        head and those events went out from the worker's read callback (`first_read_sink`), and events that
+        arrive next go out from there too."""
         if self._opened_inline:
             self._opened = (b"", [], False, False)
             return None

@@ -1,20 +1,22 @@
-"""Response stage helper: a streamed body's chunks written to the client's socket from a worker's read callback.
+"""Writes a streamed body's chunks to the client's socket from a worker's read callback, as uvicorn frames them.
 
-Every relayed event used to take the request's task through a wake-up, the relay's generator, the response's
-send loop and the server's `send` coroutine before one `transport.write`. While the client takes bytes as
-fast as they come, none of that decides anything: the relay can frame the chunk and write it from the worker
-connection's own `data_received` (gateway/upstream/http1/connection.py, `read_inline`), and the task only wakes for what
-needs it (the stream's end, an error, a client that has stopped reading, a worker that failed).
+Through the request's task, each event would take a wake-up, the stream's generator, the response's send loop
+and the server's `send` coroutine before one `transport.write`. While the client takes bytes as fast as they
+come, none of that decides anything: the stream frames the chunk and writes it from the worker connection's own
+`data_received` (upstream/http1/connection.py, `read_inline`), and the task only wakes for what needs it (the
+stream's end, an error, a client that has stopped reading, a worker that failed) (docs/design/performance.md,
+"Events relayed from the worker's read callback").
 
 This writes as uvicorn's HTTP/1.1 server (its httptools protocol, the one the gateway serves with) writes a
 chunked body, and only while that server's own `send` would write at once: the response started chunked, not
 complete, the client connected and not under flow control. Anything else (another server, another protocol,
-a paused client) gets no writer or a refusal, and the body goes through the ASGI `send` as before.
+a paused client) gets no writer or a refusal, and the body goes through the ASGI `send` instead.
 
 `writes_joined` holds what the server writes for a response over a few of its own `send`s and writes it as
-one: a stream's head and its first events, which used to be two writes a few microseconds apart.
-`ResponseOpener` does the same from a worker's read callback, so that a stream's first events reach the client
-without waiting for the request's task to be woken (a turn of the event loop, tens of ms under load).
+one: a stream's head and its first events, one syscall and one client wake-up for both. `ResponseOpener` does
+the same from a worker's read callback, so that a stream's first events reach the client without waiting for
+the request's task to be woken, a turn of the event loop (docs/design/performance.md, "A stream opens from the
+read callback").
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _framed(body: bytes) -> bytes:
 def direct_body_writer(send: Send) -> DirectBodyWriter | None:
     """A writer for the response `send` belongs to, once its start has gone out chunked; None if the server or
     the response is another kind, or the server's internals are not the ones this was written against (the
-    ASGI `send` then carries every chunk; tests/unit/test_directwrite.py fails rather than let that pass)."""
+    ASGI `send` then carries every chunk; tests/unit/test_uvicorn_fast_path.py fails rather than let that pass)."""
     cycle = _cycle_of(send)
     if cycle is None:
         return None
@@ -161,9 +163,9 @@ class _HeldWrites:
 @contextlib.contextmanager
 def writes_joined(send: Send) -> Iterator[None]:
     """What the server writes for `send`'s response inside the block leaves in one write at its end: a stream's
-    head and its first events, one syscall and one client wake-up where there were two. The server still frames
-    every byte and keeps its own state; only the moment of the write moves. Without uvicorn's httptools cycle
-    behind `send`, writes go out as they are made."""
+    head and its first events, one syscall and one client wake-up for both. The server still frames every byte
+    and keeps its own state; only the moment of the write moves. Without uvicorn's httptools cycle behind
+    `send`, writes go out as they are made."""
     cycle = _cycle_of(send)
     if cycle is None or not callable(getattr(getattr(cycle, "transport", None), "write", None)):
         yield

@@ -1,4 +1,4 @@
-"""Upstream stage: open a worker stream or make a whole call, within timeouts, every failure one of our errors."""
+"""Opens a worker stream or makes a whole call, within timeouts, every failure one of the gateway's errors."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class Upstream:
                           opening: Sink | None = None, waiting: float = 0.0) -> OpenStream:
         """Send the request and wait, within the first-token timeout, for a 200 and the first event. With
         `opening`, the first network read of the body is offered to it from the worker's read callback; taken, it
-        has gone to the client (`Relay.open_inline`), the stream is open with no `first_events`, and
+        has gone to the client (`Stream.first_read_sink`), the stream is open with no `first_events`, and
         no other worker can be tried for this request any more."""
         sent_at = self._clock()
         limit = self._first_token.limit_s(len(body), waiting)

@@ -1,4 +1,4 @@
-"""Relay stage helper: split an upstream SSE byte stream into whole events and read what they carry."""
+"""Splits an upstream SSE byte stream into whole events and reads what they carry."""
 
 from __future__ import annotations
 
@@ -108,10 +108,11 @@ def _data_of(raw: bytes) -> bytes:
 
 
 def usage_tail(raw: bytes) -> UsageTail | None:
-    """vLLM's content chunk with per-chunk usage, `data: {...,"choices":[{...}],"usage":{...}}`, read from its
-    usage member alone; None for any other event, which `Event.parse` then reads whole.
+    """A vLLM content chunk read from its trailing usage member alone; None for any other event.
 
-    Parsing the whole chunk and writing it again without its usage was most of the relay's own CPU per event.
+    The chunk is `data: {...,"choices":[{...}],"usage":{...}}` (per-chunk usage); any other event is left to
+    `Event.parse`, which reads it whole. Reading the usage member alone spares a whole parse of every content
+    chunk and its re-encoding without its usage (docs/design/performance.md, "Usage member cut by bytes").
     The byte checks are exact for valid JSON: a quote inside a JSON string is escaped, so `,"usage":{` and
     `"choices":[{` can only be members, and a usage that parses and runs to the last byte but one is the last
     member of the top-level object. An event that mentions "error" anywhere is left to the whole parse.

@@ -1,4 +1,4 @@
-"""Pool stage helper: turn configured worker entries into base URLs, resolving DNS names to every address."""
+"""Turns configured worker entries into base URLs, resolving DNS names to every address."""
 
 from __future__ import annotations
 

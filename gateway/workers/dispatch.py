@@ -1,4 +1,4 @@
-"""Route+upstream stage: try workers in turn before the first byte, within a retry budget."""
+"""Chooses a worker by the model's routing policy; tries others before the first byte, within a retry budget."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pool stage helper: read a worker's live load from its Prometheus text (vLLM metric names)."""
+"""Reads a worker's live load from its Prometheus text (vLLM metric names)."""
 
 from __future__ import annotations
 

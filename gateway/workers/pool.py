@@ -1,4 +1,4 @@
-"""Pool stage: the workers, their health, live load, the models they serve, and passive ejection."""
+"""The worker pool: the workers, their health, live load, the models they serve, and passive ejection."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from gateway.upstream.http1.errors import (
 
 HIGH_WATER = 32 * 1024  # unread body bytes at which the socket stops being read
 
-logger = logging.getLogger("specgate.workerconnection")
+logger = logging.getLogger("specgate.upstream")
 
 
 class WorkerConnection(asyncio.Protocol):

@@ -11,7 +11,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.api import routes as api
-from gateway.middleware.fast_routes import HotRoutes
+from gateway.middleware.fast_routes import FastRoutes
 from gateway.schemas import OpenAICall
 from tests.unit.fakes import CHAT, MODEL, ScriptedWorker, gateway_client, mock_client, settings_for
 
@@ -84,7 +84,7 @@ async def test_errors_find_their_handler_as_under_starlette_status_code_first_th
     async def by_class(request: Request, exc: Exception) -> Response:
         return PlainTextResponse(f"by class {type(exc).__name__}", status_code=500)
 
-    routes = HotRoutes({"/teapot": teapot, "/lookup": lookup}, {418: by_status, LookupError: by_class})
+    routes = FastRoutes({"/teapot": teapot, "/lookup": lookup}, {418: by_status, LookupError: by_class})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=routes), base_url="http://hot") as client:
         teapot_answer = await client.post("/teapot")
         lookup_answer = await client.post("/lookup")
@@ -125,7 +125,7 @@ async def test_a_response_started_through_the_scope_whose_client_then_left_ends_
         return Response(status_code=499)
 
     scope: Scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
-    hot = HotRoutes({"/x": started_then_gone}, {ClientDisconnected: answer_499})
+    hot = FastRoutes({"/x": started_then_gone}, {ClientDisconnected: answer_499})
     await hot(scope, _no_body, send)
     assert [message["type"] for message in sent] == ["http.response.start"], "no second start for the 499"
     assert APP_SEND not in scope, "the scope does not keep the server's send (a reference cycle)"
