@@ -64,7 +64,7 @@ class EdgeLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     # Past this many bytes queued for a client its stream waits (uvicorn's flow control) instead of queueing more.
-    client_write_buffer_bytes: int = 16 * 1024
+    client_write_buffer_bytes: int = 4 * 1024
 
     def __post_init__(self) -> None:
         if self.max_header_bytes < 1 or self.max_headers < 1:

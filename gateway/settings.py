@@ -68,7 +68,7 @@ class GatewaySettings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, le=3600,
                                   description="A request body sending nothing this long ends the request")
     client_write_buffer_bytes: int = Field(
-        16 * 1024, ge=1024, description="Bytes queued in the gateway for one client before its stream waits for it"
+        4 * 1024, ge=1024, description="Bytes queued in the gateway for one client before its stream waits for it"
     )
     # orjson writes at most 254 levels; the worker's body is written again by the gateway.
     max_json_depth: int = Field(64, ge=2, le=200, description="Deepest nesting a request body may have")

@@ -204,15 +204,15 @@ class Metrics:
         chunk_sizes = self.tokens_per_chunk.labels(*labels)
         if record.first_chunk_tokens > 0:
             chunk_sizes.observe(record.first_chunk_tokens)
-        if not record.chunk_gaps:
+        gaps, tokens_each = record.gap_seconds, record.gap_tokens
+        if not gaps:
             return
-        gaps, tokens_each = zip(*record.chunk_gaps, strict=True)
         per_chunk.observe_each(gaps)
         sizes = collections.Counter(tokens_each)
         if sizes.get(1) == len(tokens_each):
             per_token.observe_each(gaps)  # one token per event (no speculation): each gap is a token's gap
         else:
-            for gap, tokens in record.chunk_gaps:
+            for gap, tokens in zip(gaps, tokens_each, strict=True):
                 if tokens > 0:
                     per_token.observe(gap / tokens, tokens)
         for tokens, times in sizes.items():

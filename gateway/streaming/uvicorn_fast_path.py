@@ -22,11 +22,15 @@ read callback").
 from __future__ import annotations
 
 import contextlib
+import socket
+import struct
 from collections.abc import Awaitable, Coroutine, Iterator
 from typing import Any
 
 from starlette.types import Message, Send
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+LINGER_OFF = struct.pack("ii", 1, 0)  # SO_LINGER on with no time: a close resets the connection
 
 
 class DirectBodyWriter:
@@ -181,12 +185,17 @@ def writes_joined(send: Send) -> Iterator[None]:
 
 
 def abort_connection(send: Send) -> None:
-    """Drop the connection `send`'s response goes over, with whatever is still queued for it; a close would
-    first wait for a reader that has stopped reading to take it all."""
+    """Drop the connection `send`'s response goes over, with whatever is still queued for it, in the gateway and
+    in the kernel: a reset, where a close would first wait for a reader that has stopped reading."""
     cycle = _cycle_of(send)
     transport = getattr(cycle, "transport", None)
-    if transport is not None and callable(getattr(transport, "abort", None)):
-        transport.abort()
+    if transport is None or not callable(getattr(transport, "abort", None)):
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)  # close = reset, queue discarded
+    transport.abort()
 
 
 def _cycle_of(send: Send) -> RequestResponseCycle | None:

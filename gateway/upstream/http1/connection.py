@@ -28,7 +28,7 @@ from gateway.upstream.http1.errors import (
     WorkerReadTimeout,
 )
 
-HIGH_WATER = 32 * 1024  # unread body bytes at which the socket stops being read
+HIGH_WATER = 8 * 1024  # unread body bytes at which the socket stops being read
 
 logger = logging.getLogger("specgate.upstream")
 
