@@ -1,9 +1,8 @@
-"""Fixtures shared by unit test modules: the edge under uvicorn (test_edge_*), an empty .env (test_deploy_*)."""
+"""Fixtures shared by unit test modules: the edge under uvicorn (test_edge_*)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -14,10 +13,3 @@ from tests.unit.edgefakes import LIMITS, Edge, edge_server
 def edge() -> Iterator[Edge]:
     with edge_server(LIMITS) as running:
         yield running
-
-
-@pytest.fixture
-def empty_env_file(tmp_path: Path) -> Path:
-    path = tmp_path / "empty.env"
-    path.write_text("")
-    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy_support import COMPOSE_FILE, ENV_EXAMPLE, compose_binary, compose_config, env_example
+from tests.deploy.support import COMPOSE_FILE, ENV_EXAMPLE, compose_binary, compose_config, env_example
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from tests.deploy_support import KUBERNETES_DIR
-from tests.k8s_support import Manifest, find_one, load_kustomization, manifests, render_kustomization
+from tests.deploy.k8s_support import Manifest, find_one, load_kustomization, manifests, render_kustomization
+from tests.deploy.support import KUBERNETES_DIR
 
 KUSTOMIZATIONS = ("", "multinode", "monitoring")
 # Kinds from CRDs, which Kubernetes' own schemas do not cover; checked structurally below.

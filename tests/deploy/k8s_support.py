@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from tests.deploy_support import KUBERNETES_DIR
+from tests.deploy.support import KUBERNETES_DIR
 
 Manifest = dict[str, Any]
 

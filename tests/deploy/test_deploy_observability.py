@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from tests.deploy_support import (
+from tests.deploy.support import (
     DASHBOARD,
     GRAFANA_DIR,
     PROMETHEUS_CONFIG,

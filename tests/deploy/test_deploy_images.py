@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.profiles import find_profile
-from tests.deploy_support import (
+from tests.deploy.support import (
     COMPOSE_FILE,
     DOCKERFILES,
     ROOT,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from engine.profiles import EngineProfile, WorkerCommand, find_profile, render
-from tests.deploy_support import (
+from tests.deploy.support import (
     COMPOSE_FILE,
     DOCKERFILES,
     PROMETHEUS_CONFIG,

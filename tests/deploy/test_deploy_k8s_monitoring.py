@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy_support import known_metrics
-from tests.k8s_support import (
+from tests.deploy.k8s_support import (
     containers,
     env_of,
     find_one,
@@ -19,6 +18,7 @@ from tests.k8s_support import (
     render_kustomization,
     selects,
 )
+from tests.deploy.support import known_metrics
 
 # --- autoscaling -----------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy_support import PROMETHEUS_CONFIG, compose_config, service_dockerfile
+from tests.deploy.support import PROMETHEUS_CONFIG, compose_config, service_dockerfile
 
 # Characters a careless entrypoint would split, glob or expand.
 METRICS_TOKEN = "scrape s3cret;*$HOME"

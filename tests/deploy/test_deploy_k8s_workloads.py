@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.profiles import EngineProfile, find_profile, render
-from tests.k8s_support import containers, env_of, find_one, manifests, pod_labels, selects
+from tests.deploy.k8s_support import containers, env_of, find_one, manifests, pod_labels, selects
 
 WORKER_PORT = 8100
 
