@@ -20,7 +20,7 @@ test: install models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: install
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit tests/deploy $(PYTEST_ARGS)
 
 integration: install models
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
