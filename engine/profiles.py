@@ -30,6 +30,8 @@ class SpeculativeConfig(BaseModel):
     prompt_lookup_min: int | None = Field(None, ge=1)
     prompt_lookup_max: int | None = Field(None, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict, description="Any other speculative_config key")
+    # vLLM's per-request report (acceptance in each answer's final usage chunk), read by the gateway.
+    per_request_metrics: Literal["none", "summary", "detailed"] = "summary"
 
     @model_validator(mode="after")
     def _needs_model(self) -> SpeculativeConfig:
@@ -167,6 +169,8 @@ def render(
             argv.append(f"--enable-{flag}" if enabled else f"--no-enable-{flag}")
     if profile.speculative is not None:
         argv += ["--speculative-config", profile.speculative.as_vllm_json(models_dir)]
+        if profile.speculative.per_request_metrics != "none":
+            argv += ["--per-request-spec-decode-metrics", profile.speculative.per_request_metrics]
     argv += [_expand(arg, models_dir) for arg in profile.extra_args]
 
     env = {"HF_HUB_OFFLINE": "1"} if profile.device == "cpu" else {}

@@ -32,6 +32,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord, token_count
+from gateway.observability.speculation import take_speculation
 from gateway.schemas import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.services import Services
 from gateway.streaming.stream import Stream
@@ -180,9 +181,11 @@ class Forwarding:
             drain.close()
         services.pool.finished(worker)
         try:
-            usage = orjson.loads(content).get("usage") or {}
+            answer = orjson.loads(content)
+            usage = answer.get("usage") or {}
             record.prompt_tokens = token_count(usage.get("prompt_tokens"))
             record.output_tokens = token_count(usage.get("completion_tokens"))
+            take_speculation(answer.get("metrics"), record)
         except (orjson.JSONDecodeError, AttributeError):
             pass
         record.finished_at = services.clock()

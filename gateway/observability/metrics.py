@@ -29,6 +29,8 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0
 QUEUE_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 THROUGHPUT_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
 TOKENS_PER_CHUNK_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 32)
+ACCEPTANCE_RATE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+ACCEPTANCE_LENGTH_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0)
 
 request_logger = logging.getLogger("specgate.requests")
 
@@ -71,6 +73,24 @@ class Metrics:
             "specgate_output_tokens_per_second",
             "Per request: (output tokens - 1) / (last token time - first token time).",
             model_worker, buckets=THROUGHPUT_BUCKETS, registry=reg,
+        )
+        self.spec_acceptance_rate = Histogram(
+            "specgate_spec_acceptance_rate",
+            "Per request its worker speculated on: accepted draft tokens / drafted tokens (vLLM's per-request report).",
+            model_worker, buckets=ACCEPTANCE_RATE_BUCKETS, registry=reg,
+        )
+        self.spec_acceptance_length = Histogram(
+            "specgate_spec_acceptance_length",
+            "Per request its worker speculated on: tokens per verify step, the target's own included.",
+            model_worker, buckets=ACCEPTANCE_LENGTH_BUCKETS, registry=reg,
+        )
+        self.spec_draft_tokens = Counter(
+            "specgate_spec_draft_tokens", "Draft tokens proposed for this gateway's requests.", model_worker,
+            registry=reg,
+        )
+        self.spec_accepted_tokens = Counter(
+            "specgate_spec_accepted_tokens", "Draft tokens accepted for this gateway's requests.", model_worker,
+            registry=reg,
         )
         self.upstream_ttft = Histogram(
             "specgate_upstream_ttft_seconds", "Upstream request sent to first content event from the worker.",
@@ -197,6 +217,17 @@ class Metrics:
             self._observe_gaps(record, labels)
         if record.output_tokens_per_second is not None:
             child(self.output_tokens_per_second, *labels).observe(record.output_tokens_per_second)
+        if record.spec_steps:
+            self._observe_speculation(record, labels)
+
+    def _observe_speculation(self, record: RequestRecord, labels: tuple[str, str]) -> None:
+        child = self.child
+        child(self.spec_draft_tokens, *labels).inc(record.spec_draft_tokens)
+        child(self.spec_accepted_tokens, *labels).inc(record.spec_accepted_tokens)
+        if record.spec_acceptance_rate is not None:
+            child(self.spec_acceptance_rate, *labels).observe(record.spec_acceptance_rate)
+        if record.spec_mean_acceptance_length is not None:
+            child(self.spec_acceptance_length, *labels).observe(record.spec_mean_acceptance_length)
 
     def _observe_gaps(self, record: RequestRecord, labels: tuple[str, str]) -> None:
         per_chunk = self.inter_chunk.labels(*labels)

@@ -39,6 +39,10 @@ class RequestRecord:
     gap_tokens: array[int] = field(default_factory=lambda: array("I"))
     attempts: int = 0
     disconnected: bool = False
+    # Speculative decoding, from the worker's per-request report (observability/speculation.py); 0 without it.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_steps: int = 0
 
     def on_content(self, now: float, tokens: int) -> None:
         if self.first_token_at is None:
@@ -88,6 +92,16 @@ class RequestRecord:
         span = self.last_token_at - self.first_token_at
         return None if span <= 0 else (self.output_tokens - 1) / span
 
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Accepted draft tokens per drafted one, for a request its worker speculated on."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
+
+    @property
+    def spec_mean_acceptance_length(self) -> float | None:
+        """Tokens per verify step, the target's own token included (vLLM's mean acceptance length)."""
+        return 1.0 + self.spec_accepted_tokens / self.spec_steps if self.spec_steps else None
+
     def log_fields(self) -> dict[str, object]:
         counted = [(gap, tokens) for gap, tokens in self.chunk_gaps if tokens > 0]
         gap_tokens = sum(tokens for _, tokens in counted)
@@ -109,6 +123,8 @@ class RequestRecord:
             "tbt_mean_s": _round(tbt_mean),
             "e2e_s": _round(self.e2e_seconds),
             "disconnected": self.disconnected,
+            "spec_acceptance_rate": _round(self.spec_acceptance_rate),
+            "spec_mean_acceptance_length": _round(self.spec_mean_acceptance_length),
         }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.observability.record import RequestRecord, token_count
+from gateway.observability.speculation import take_speculation
 from gateway.upstream.sse import SEPARATOR, Event, UsageTail, encode_data
 
 
@@ -25,7 +26,10 @@ class UsageFilter:
         usage = payload.get("usage")
         if isinstance(usage, dict):
             completion = token_count(usage.get("completion_tokens"))
-            return self._counted(usage, completion, record, bool(payload.get("choices")))
+            has_choices = bool(payload.get("choices"))
+            if not has_choices:  # the final usage chunk: vLLM's per-request report rides on it
+                take_speculation(payload.get("metrics"), record)
+            return self._counted(usage, completion, record, has_choices)
         if has_content and not self.exact:
             # A worker without per-chunk usage: one token per content event is the best estimate.
             self._tokens_seen += 1

@@ -113,6 +113,8 @@ def test_metrics_show_the_requests_ttft_below_e2e_and_its_tokens(
     names = [
         "specgate_time_to_first_token_seconds_sum", "specgate_time_to_first_token_seconds_count",
         "specgate_e2e_seconds_sum", "specgate_output_tokens_total", "specgate_prompt_tokens_total",
+        "specgate_spec_draft_tokens_total", "specgate_spec_accepted_tokens_total",
+        "specgate_spec_acceptance_length_count",
     ]
     before = {name: _gateway_sample(gateway_url, name, **labels) for name in names}
     stream = client.chat.completions.create(
@@ -128,6 +130,10 @@ def test_metrics_show_the_requests_ttft_below_e2e_and_its_tokens(
     assert 0 < ttft <= delta["specgate_e2e_seconds_sum"]
     assert delta["specgate_output_tokens_total"] == usage.completion_tokens == 24
     assert delta["specgate_prompt_tokens_total"] == usage.prompt_tokens
+    # The worker speculates (cpu-demo) and reports it per request in the final usage chunk.
+    assert delta["specgate_spec_acceptance_length_count"] == 1
+    assert delta["specgate_spec_draft_tokens_total"] > 0
+    assert 0 <= delta["specgate_spec_accepted_tokens_total"] <= delta["specgate_spec_draft_tokens_total"]
 
 
 def test_client_disconnect_mid_stream_frees_the_worker(gateway_url: str, worker_url: str) -> None:
