@@ -199,6 +199,18 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 ],
                 "short",
             ),
+            Panel(
+                "Draft acceptance per worker (this gateway's requests)",
+                [
+                    Target(f"sum by (worker) (rate(specgate_spec_accepted_tokens_total{{{MW}}}[{RATE}])) / "
+                           f"sum by (worker) (rate(specgate_spec_draft_tokens_total{{{MW}}}[{RATE}]))", "{{worker}}"),
+                    Target(f"model:specgate_spec_acceptance:ratio_baseline1d{{{M}}}", "{{model}} baseline (last day)"),
+                ],
+                "percentunit",
+                extra_defaults={"min": 0, "max": 1},
+                description="vLLM's per-request report on the gateway's own requests; the baseline the drift alert "
+                            "compares against",
+            ),
             Panel("Tokens per chunk per model (client view)",
                   [Target(ratio("specgate_tokens_per_chunk_sum", "specgate_tokens_per_chunk_count", "model", M),
                           "{{model}}")], "short"),

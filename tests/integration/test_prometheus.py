@@ -184,6 +184,7 @@ def test_speculative_acceptance_rate_through_the_http_api(prometheus: str, traff
         ("model:specgate_time_between_tokens_seconds:p50", 0.0, 10.0),
         ("model:specgate_requests_errors:ratio_rate5m", 0.0, 0.0),
         ("model:vllm_spec_decode_acceptance:ratio_rate5m", 0.0, 1.0),
+        ("model:specgate_spec_acceptance:ratio_rate5m", 0.0, 1.0),
     ],
 )
 def test_recording_rules_evaluate_on_live_data(
