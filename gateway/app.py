@@ -33,6 +33,7 @@ from gateway.upstream.client import WorkerClient
 from gateway.upstream.http1.client import Http1WorkerClient
 from gateway.workers.dispatch import Dispatcher
 from gateway.workers.pool import PoolTiming, WorkerPool
+from gateway.workers.serving_stats import ServingStats
 
 logger = logging.getLogger("specgate.gateway")
 
@@ -109,6 +110,7 @@ def create_app(
                 settings.max_concurrency, settings.max_queue, settings.queue_timeout_s, settings.retry_after_s, clock
             )
             metrics.queued.set_function(lambda: admission.waiting)
+            serving = ServingStats()
             app.state.services = Services(
                 settings=settings,
                 clock=clock,
@@ -118,8 +120,9 @@ def create_app(
                 admission=admission,
                 dispatcher=Dispatcher(
                     pool, settings.routing, settings.routing_per_model, metrics,
-                    settings.max_attempts, settings.retry_backoff_s, settings.retry_after_s,
+                    settings.max_attempts, settings.retry_backoff_s, settings.retry_after_s, serving,
                 ),
+                serving=serving,
                 drainer=drainer,
             )
             app.state.forwarding = Forwarding(app.state.services)

@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 DEFAULT_PROFILE = "cpu-demo"
 DEFAULT_WORKER_PORT = 8100
-ROUTING_POLICIES = ("least_loaded", "power_of_two", "prefix_aware", "round_robin", "session_affinity")
+ROUTING_POLICIES = ("least_loaded", "power_of_two", "prefix_aware", "round_robin", "session_affinity", "spec_aware")
 
 
 def _gateway_args(parser: argparse.ArgumentParser) -> None:

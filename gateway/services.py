@@ -14,6 +14,7 @@ from gateway.settings import GatewaySettings
 from gateway.upstream.calls import Upstream
 from gateway.workers.dispatch import Dispatcher
 from gateway.workers.pool import WorkerPool
+from gateway.workers.serving_stats import ServingStats
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Services:
     admission: Admission
     dispatcher: Dispatcher
     drainer: Drainer
+    serving: ServingStats
 
 
 def services_of(request: Request) -> Services:

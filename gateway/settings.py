@@ -51,7 +51,8 @@ class GatewaySettings(BaseSettings):
     retry_after_s: int = Field(1, ge=0)
 
     routing: str = Field(
-        "least_loaded", description="round_robin | least_loaded | power_of_two | session_affinity | prefix_aware"
+        "least_loaded",
+        description="round_robin | least_loaded | power_of_two | session_affinity | prefix_aware | spec_aware",
     )
     routing_per_model: dict[str, str] = Field(default_factory=dict, description="model name -> policy")
     max_attempts: int = Field(3, ge=1, description="Workers tried for one request before the first byte")

@@ -200,6 +200,7 @@ class Forwarding:
         services = self._services
         try:
             services.metrics.record(record)
+            services.serving.observe(record)
             if services.settings.request_log:
                 services.metrics.log(record)
         except Exception:

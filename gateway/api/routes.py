@@ -89,3 +89,10 @@ async def list_models(services: ServicesDep) -> Response:
 @router.get("/admin/workers")
 async def admin_workers(services: ServicesDep) -> Response:
     return _json({"workers": services.pool.admin_view()})
+
+
+@router.get("/admin/speculation")
+async def admin_speculation(services: ServicesDep) -> Response:
+    """Per model: each worker's measured TPOT by load and acceptance, and whether speculating or plain workers
+    would serve the traffic seen so far better."""
+    return _json({"models": services.serving.advice()})

@@ -38,6 +38,8 @@ class RequestRecord:
     gap_seconds: array[float] = field(default_factory=lambda: array("d"))
     gap_tokens: array[int] = field(default_factory=lambda: array("I"))
     attempts: int = 0
+    # The worker's queue depth when this request started on it, this request included (workers/serving_stats.py).
+    worker_open_at_start: int = 0
     disconnected: bool = False
     # Speculative decoding, from the worker's per-request report (observability/speculation.py); 0 without it.
     spec_draft_tokens: int = 0

@@ -20,6 +20,7 @@ from gateway.observability.record import RequestRecord
 from gateway.schemas import OpenAICall
 from gateway.workers.pool import Worker, WorkerPool
 from gateway.workers.routing import RoutingPolicy, make_policy
+from gateway.workers.serving_stats import ServingStats
 
 T = TypeVar("T")
 
@@ -38,13 +39,15 @@ class Dispatcher:
         max_attempts: int,
         backoff_s: float,
         retry_after_s: int,
+        serving: ServingStats,
     ) -> None:
         self._pool = pool
+        self._serving = serving
         self._default_policy = default_policy
         self._policy_per_model = policy_per_model
         # Fail at start-up, not at the first request, on a misspelt policy name.
         for name in {default_policy, *policy_per_model.values()}:
-            make_policy(name, pool.queue_depth)
+            make_policy(name, pool.queue_depth, serving)
         self._policies: dict[str, RoutingPolicy] = {}
         pool.on_removed(self._forget)
         self._metrics = metrics
@@ -56,7 +59,7 @@ class Dispatcher:
         policy = self._policies.get(model)
         if policy is None:
             name = self._policy_per_model.get(model, self._default_policy)
-            policy = self._policies[model] = make_policy(name, self._pool.queue_depth)
+            policy = self._policies[model] = make_policy(name, self._pool.queue_depth, self._serving)
         return policy
 
     def _forget(self, worker_url: str) -> None:
@@ -81,6 +84,7 @@ class Dispatcher:
             record.attempts = len(tried)
             record.worker = worker.url
             self._pool.started(worker)
+            record.worker_open_at_start = round(self._pool.queue_depth(worker))
             try:
                 result = await send(worker)
             except UpstreamRejected:

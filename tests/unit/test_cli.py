@@ -56,6 +56,6 @@ def test_models_path_honours_the_environment(
 
 def test_the_routing_flag_names_every_policy() -> None:
     from gateway.cli import ROUTING_POLICIES
-    from gateway.workers.routing import POLICIES
+    from gateway.workers.routing import LEARNING_POLICIES, POLICIES
 
-    assert sorted(ROUTING_POLICIES) == sorted(POLICIES)
+    assert sorted(ROUTING_POLICIES) == sorted([*POLICIES, *LEARNING_POLICIES])

@@ -56,6 +56,7 @@ def test_cpu_baseline_is_cpu_demo_without_speculation() -> None:
     demo = _flags(render(find_profile("cpu-demo"), host="h", port=1, models_dir=MODELS).argv)
     base = _flags(render(find_profile("cpu-baseline"), host="h", port=1, models_dir=MODELS).argv)
     demo.pop("--speculative-config")
+    assert demo.pop("--per-request-spec-decode-metrics") == "summary"  # speculation reported per request
     assert base == demo
 
 

@@ -32,7 +32,7 @@ REPORT = {"speculative_decoding": {
 }}
 
 
-def _final_usage_with(metrics: Any) -> bytes:
+def final_usage_with(metrics: Any) -> bytes:
     payload = json.loads(usage_chunk(10)[6:])
     payload["metrics"] = metrics
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
@@ -40,7 +40,7 @@ def _final_usage_with(metrics: Any) -> bytes:
 
 def _streaming_worker(metrics: Any) -> ScriptedWorker:
     events = [chat_chunk("", 0, role="assistant"), chat_chunk("a", 4), chat_chunk("b", 10, finish_reason="length"),
-              _final_usage_with(metrics), DONE]
+              final_usage_with(metrics), DONE]
 
     def answer(request: httpx.Request) -> httpx.Response:
         if b'"stream":true' in request.content:
