@@ -32,8 +32,8 @@ def _flags(argv: list[str]) -> dict[str, str | None]:
 
 
 def test_the_promised_profiles_ship() -> None:
-    for name in ("cpu-demo", "cpu-baseline", "cpu-tp2", "gpu-llama3.1-8b-spec", "gpu-llama3.1-70b-tp4-spec",
-                 "gpu-ray-2node"):
+    for name in ("cpu-demo", "cpu-baseline", "cpu-tp2", "gpu-llama3.1-8b-spec", "gpu-llama3.1-8b-eagle3",
+                 "gpu-llama3.1-70b-tp4-spec", "gpu-ray-2node"):
         assert name in SHIPPED
 
 
@@ -58,6 +58,14 @@ def test_cpu_baseline_is_cpu_demo_without_speculation() -> None:
     demo.pop("--speculative-config")
     assert demo.pop("--per-request-spec-decode-metrics") == "summary"  # speculation reported per request
     assert base == demo
+
+
+def test_gpu_eagle3_profile_renders_vllms_eagle3_method_with_its_head() -> None:
+    flags = _flags(render(find_profile("gpu-llama3.1-8b-eagle3"), host="0.0.0.0", port=8100, models_dir=MODELS).argv)
+    spec = json.loads(flags["--speculative-config"] or "")
+    assert spec == {"method": "eagle3", "model": "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B", "num_speculative_tokens": 3}
+    assert flags["--model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert flags["--per-request-spec-decode-metrics"] == "summary"
 
 
 def test_cpu_tp2_binds_one_rank_per_core() -> None:
