@@ -1,4 +1,4 @@
-# specgate: `make run` serves the demo model; `make test` runs the whole suite (real vLLM included).
+# specgate: `make run` serves SmolLM2-135M-Instruct with its draft; `make test` runs the whole suite (real vLLM included).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -6,14 +6,15 @@ BIN := $(VENV)/bin
 EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
-PROFILE ?= cpu-demo
+PROFILE ?= cpu-smollm2-eagle3
 WORKERS ?= 1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
 .PHONY: run test unit integration install models lint bench clean
 
-run: install models
+# `specgate up` builds the models its profile needs (the default: SmolLM2-135M-Instruct and its EAGLE-3 draft).
+run: install
 	$(BIN)/specgate up --profile $(PROFILE) --workers $(WORKERS) --port $(PORT)
 
 test: install models
@@ -37,8 +38,9 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# What the tests need: the tiny demo pair and SmolLM2-135M-Instruct (the draft is built by `make run`).
 models: install
-	$(BIN)/specgate models build
+	$(BIN)/specgate models build demo smollm2
 
 lint: install
 	$(BIN)/ruff check gateway engine loadtest benchmarks tests deploy

@@ -13,8 +13,9 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from engine.demo_models import build_demo_models, default_models_dir
+from engine.demo_models import default_models_dir
 from engine.launch import WorkerProcess, say
+from engine.model_builds import build, builds_for
 from engine.profiles import find_profile, render
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,8 +43,7 @@ def worker_process(
     """As `worker`, yielding the process handle (for benchmarks that kill it)."""
     profile = find_profile(profile_name)
     models_dir = default_models_dir()
-    if "{models_dir}" in profile.model:
-        build_demo_models(models_dir)
+    build(builds_for(profile), models_dir)
     command = render(profile, host="127.0.0.1", port=port, models_dir=models_dir, cpu_bind=core,
                      cpu_threads=threads)
     process = WorkerProcess(command, port, log_dir / f"{profile_name}-{port}.log", name=f"{profile_name}:{port}")

@@ -65,7 +65,8 @@ class EngineProfile(BaseModel):
     description: str = ""
     # Model
     model: str = Field(description="Hugging Face id or local path; '{models_dir}' is replaced")
-    served_model_name: str | None = None
+    # One name, or several: the first is the public name, the others aliases the worker also answers to.
+    served_model_name: str | list[str] | None = None
     revision: str | None = None
     tokenizer: str | None = None
     dtype: str = "auto"
@@ -113,6 +114,8 @@ class EngineProfile(BaseModel):
 
     @property
     def public_name(self) -> str:
+        if isinstance(self.served_model_name, list):
+            return self.served_model_name[0] if self.served_model_name else self.model
         return self.served_model_name or self.model
 
 
@@ -141,8 +144,10 @@ def render(
     """The one place a profile becomes vLLM's command line and environment."""
     argv = [python, "-m", "vllm.entrypoints.openai.api_server"]
     argv += ["--model", _expand(profile.model, models_dir), "--host", host, "--port", str(port)]
+    names = profile.served_model_name
+    if names:
+        argv += ["--served-model-name", *([names] if isinstance(names, str) else names)]
     flags: list[tuple[str, Any]] = [
-        ("--served-model-name", profile.served_model_name),
         ("--revision", profile.revision),
         ("--tokenizer", _expand(profile.tokenizer, models_dir) if profile.tokenizer else None),
         ("--dtype", profile.dtype),

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-DEFAULT_PROFILE = "cpu-demo"
+DEFAULT_PROFILE = "cpu-smollm2-eagle3"
 DEFAULT_WORKER_PORT = 8100
 ROUTING_POLICIES = ("least_loaded", "power_of_two", "prefix_aware", "round_robin", "session_affinity", "spec_aware")
 
@@ -53,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(render)
     render.add_argument("--port", type=int, default=DEFAULT_WORKER_PORT)
 
-    models = commands.add_parser("models", help="demo models")
+    models = commands.add_parser("models", help="locally built models")
     models_commands = models.add_subparsers(dest="models_command", required=True)
-    build = models_commands.add_parser("build", help="build the demo target and draft (cached)")
+    build = models_commands.add_parser(
+        "build", help="build models (cached): demo (tiny test pair), smollm2 (the default), smollm2-eagle3 (its draft)")
+    build.add_argument("names", nargs="*", help="which to build (default: all)")
     build.add_argument("--models-dir", type=Path)
     build.add_argument("--force", action="store_true")
     path = models_commands.add_parser("path", help="print the models directory")
@@ -150,10 +152,9 @@ def _run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     profile = find_profile(args.profile)
     models_dir = _models_dir(args)
-    if "{models_dir}" in profile.model:
-        from engine.demo_models import build_demo_models
+    from engine.model_builds import build, builds_for
 
-        build_demo_models(models_dir)
+    build(builds_for(profile), models_dir)
     supervisor = Supervisor(profile, args.workers, args.worker_port, models_dir, args.log_dir)
     supervisor.start()
     try:
@@ -197,12 +198,16 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from engine.demo_models import build_demo_models
+    from engine.model_builds import BUILDS, build
 
     if args.models_command == "path":
         print(_models_dir(args))
         return 0
-    build_demo_models(_models_dir(args), force=args.force)
+    unknown = sorted(set(args.names) - set(BUILDS))
+    if unknown:
+        print(f"specgate: unknown model build {', '.join(unknown)}; choose from {', '.join(BUILDS)}", file=sys.stderr)
+        return 2
+    build(args.names or BUILDS, _models_dir(args), force=args.force)
     return 0
 
 

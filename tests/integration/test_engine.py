@@ -87,3 +87,28 @@ def test_a_worker_that_cannot_start_reports_its_log_tail(tmp_path: Path) -> None
     assert "exited with code 3" in str(caught.value)
     assert "bad model path" in str(caught.value)
     assert os.path.exists(tmp_path / "w.log")
+
+
+def test_up_fails_with_the_log_tail_when_the_draft_cannot_load(models_dir: Path, tmp_path: Path) -> None:
+    """A draft whose weights are corrupt: `specgate up` exits 2 with vLLM's own last lines, never hangs."""
+    import shutil
+    import subprocess
+
+    draft = tmp_path / "broken-draft"
+    shutil.copytree(models_dir / "demo-draft", draft)
+    for weights in draft.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    profile = tmp_path / "broken.yaml"
+    profile.write_text(
+        (Path(__file__).parents[2] / "configs/engine/cpu-demo.yaml").read_text()
+        .replace("{models_dir}/demo-draft", str(draft)).replace("{models_dir}", str(models_dir))
+    )
+    finished = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "up", "--profile", str(profile), "--workers", "1",
+         "--port", str(free_port()), "--worker-port", str(free_port()), "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert finished.returncode == 2, finished.stderr[-3000:]
+    assert "exited with code" in finished.stderr and "last log lines" in finished.stderr
+    # The tail is the worker's own: it names what failed to load.
+    assert "safetensors" in finished.stderr.lower() or "broken-draft" in finished.stderr, finished.stderr[-3000:]

@@ -16,18 +16,17 @@ SHIPPED = sorted(path.stem for path in profiles_dir().glob("*.yaml"))
 
 
 def _flags(argv: list[str]) -> dict[str, str | None]:
-    """--flag value pairs (value None for switches) after the module name."""
+    """--flag value pairs after the module name (None for switches; several values joined by a space)."""
     flags: dict[str, str | None] = {}
     rest = argv[argv.index("vllm.entrypoints.openai.api_server") + 1 :]
     index = 0
     while index < len(rest):
-        flag = rest[index]
-        if index + 1 < len(rest) and not rest[index + 1].startswith("--"):
-            flags[flag] = rest[index + 1]
-            index += 2
-        else:
-            flags[flag] = None
+        flag, index = rest[index], index + 1
+        values = []
+        while index < len(rest) and not rest[index].startswith("--"):
+            values.append(rest[index])
             index += 1
+        flags[flag] = " ".join(values) if values else None
     return flags
 
 
@@ -66,6 +65,41 @@ def test_gpu_eagle3_profile_renders_vllms_eagle3_method_with_its_head() -> None:
     assert spec == {"method": "eagle3", "model": "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B", "num_speculative_tokens": 3}
     assert flags["--model"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert flags["--per-request-spec-decode-metrics"] == "summary"
+
+
+def test_default_profile_serves_smollm2_with_its_eagle3_draft_under_the_demo_alias() -> None:
+    from gateway.cli import DEFAULT_PROFILE
+
+    profile = find_profile(DEFAULT_PROFILE)
+    flags = _flags(render(profile, host="h", port=1, models_dir=MODELS).argv)
+    assert profile.public_name == "smollm2"
+    assert flags["--served-model-name"] == "smollm2 demo"
+    assert flags["--model"] == f"{MODELS}/smollm2-135m-instruct"
+    # float32: bf16 rounding lets a verified batch and a single decode step pick different greedy tokens.
+    assert flags["--dtype"] == "float32"
+    spec = json.loads(flags["--speculative-config"] or "")
+    assert spec == {"method": "eagle3", "model": f"{MODELS}/smollm2-135m-eagle3", "num_speculative_tokens": 3}
+
+
+def test_smollm2_profiles_differ_only_in_speculation() -> None:
+    rendered = {name: _flags(render(find_profile(name), host="h", port=1, models_dir=MODELS).argv)
+                for name in ("cpu-smollm2", "cpu-smollm2-eagle3", "cpu-smollm2-ngram")}
+    for flags in rendered.values():
+        flags.pop("--speculative-config", None)
+        flags.pop("--per-request-spec-decode-metrics", None)
+    assert rendered["cpu-smollm2"] == rendered["cpu-smollm2-eagle3"] == rendered["cpu-smollm2-ngram"]
+    ngram = json.loads(_flags(render(find_profile("cpu-smollm2-ngram"), host="h", port=1,
+                                     models_dir=MODELS).argv)["--speculative-config"] or "")
+    assert ngram["method"] == "ngram"
+
+
+def test_profiles_name_the_model_builds_they_need() -> None:
+    from engine.model_builds import builds_for
+
+    assert builds_for(find_profile("cpu-smollm2-eagle3")) == ["smollm2", "smollm2-eagle3"]
+    assert builds_for(find_profile("cpu-smollm2")) == ["smollm2"]
+    assert builds_for(find_profile("cpu-demo")) == ["demo"]
+    assert builds_for(find_profile("gpu-llama3.1-8b-eagle3")) == []
 
 
 def test_cpu_tp2_binds_one_rank_per_core() -> None:
