@@ -1,4 +1,5 @@
-"""docker-compose.yml's services: profiles, GPUs, healthchecks, wiring, volumes, .env.example, worker commands."""
+"""Both Compose stacks' services (docker-compose.yml: GPU, docker-compose.cpu.yml: CPU): no profiles, GPUs,
+healthchecks, wiring, volumes, .env.example, worker commands."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from typing import Any
 import pytest
 import yaml
 
+from engine.model_builds import BUILDS, builds_for
 from engine.profiles import EngineProfile, WorkerCommand, find_profile, render
 from tests.deploy.support import (
     COMPOSE_FILE,
+    COMPOSE_FILES,
+    CPU_COMPOSE_FILE,
     DOCKERFILES,
     PROMETHEUS_CONFIG,
     ROOT,
+    STACK_SERVICES,
+    compose_model,
     engine_args,
     env_example,
     service_dockerfile,
@@ -47,26 +53,36 @@ def _interpolate(node: Any, env: dict[str, str]) -> Any:
     return node
 
 
-def _compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """docker-compose.yml with anchors merged and variables at their defaults (or `env`)."""
-    loaded = yaml.safe_load(COMPOSE_FILE.read_text())
-    resolved: dict[str, Any] = _interpolate(loaded, env or {})
+def _compose(stack: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A stack's Compose file with anchors merged, `extends` resolved and variables at their defaults (or `env`)."""
+    resolved: dict[str, Any] = _interpolate(compose_model(COMPOSE_FILES[stack]), env or {})
     return resolved
 
 
-def _services(profile: str | None = None) -> dict[str, dict[str, Any]]:
-    services: dict[str, dict[str, Any]] = _compose()["services"]
-    if profile is None:
-        return services
-    return {name: spec for name, spec in services.items() if profile in spec.get("profiles", [])}
+def _services(stack: str) -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = _compose(stack)["services"]
+    return services
 
 
-def _workers(profile: str | None = None) -> dict[str, dict[str, Any]]:
+def _all_services() -> list[tuple[str, str, dict[str, Any]]]:
+    """(stack, service name, service) for every service of both stacks."""
+    return [(stack, name, spec) for stack in COMPOSE_FILES for name, spec in _services(stack).items()]
+
+
+def _workers(stack: str) -> dict[str, dict[str, Any]]:
     return {
         name: spec
-        for name, spec in _services(profile).items()
+        for name, spec in _services(stack).items()
         if service_dockerfile(spec) in ("Dockerfile.gpu", "Dockerfile.cpu") and spec["command"][0] == "engine"
     }
+
+
+def _all_workers() -> dict[str, dict[str, Any]]:
+    return {name: spec for stack in COMPOSE_FILES for name, spec in _workers(stack).items()}
+
+
+def _compose_text() -> str:
+    return "\n".join(path.read_text() for path in COMPOSE_FILES.values())
 
 
 def _run_engine_capturing_exec(command: list[str], monkeypatch: pytest.MonkeyPatch) -> WorkerCommand:
@@ -101,9 +117,20 @@ def _parallel_size(profile: EngineProfile) -> int:
 # --- structure -------------------------------------------------------------------------------------
 
 
-def test_every_service_belongs_to_a_profile() -> None:
-    for name, service in _services().items():
-        assert set(service.get("profiles", [])) & {"gpu", "cpu"}, f"{name} would start in both stacks"
+@pytest.mark.parametrize("stack", ["gpu", "cpu"])
+def test_each_file_is_exactly_its_stack_with_no_profiles(stack: str) -> None:
+    """A plain `up` starts every service of a file, so each file holds its own stack and nothing else."""
+    services = _services(stack)
+    assert set(services) == STACK_SERVICES[stack]
+    for name, service in services.items():
+        assert "profiles" not in service, f"{stack}: {name} has a profile; a plain `up` would skip it"
+
+
+def test_only_the_gpu_file_has_gpu_workers() -> None:
+    assert {name for name, spec in _workers("gpu").items() if "deploy" in spec} == set(_workers("gpu"))
+    for name, service in _services("cpu").items():
+        assert "deploy" not in service, f"cpu: {name} reserves resources"
+        assert service_dockerfile(service) != "Dockerfile.gpu", name
 
 
 def test_gpu_workers_reserve_distinct_gpus_matching_the_profile() -> None:
@@ -129,25 +156,59 @@ def test_gpu_workers_reserve_distinct_gpus_matching_the_profile() -> None:
 
 
 def test_cpu_workers_reserve_no_gpu() -> None:
-    for name, worker in _workers("cpu").items():
+    workers = _workers("cpu")
+    assert set(workers) == {"worker-cpu"}
+    for name, worker in workers.items():
         assert "deploy" not in worker, name
         assert find_profile(engine_args(worker["command"]).profile).device == "cpu"
 
 
+def test_cpu_worker_defaults_to_smollm2_with_its_eagle3_draft() -> None:
+    command = _services("cpu")["worker-cpu"]["command"]
+    name = engine_args(command).profile
+    assert name == "cpu-smollm2-eagle3"
+    assert (ROOT / "configs" / "engine" / f"{name}.yaml").is_file()
+    profile = find_profile(name)
+    assert profile.device == "cpu"
+    assert profile.speculative is not None and profile.speculative.method == "eagle3"
+    assert profile.served_model_name == ["smollm2", "demo"]
+    assert "${SPECGATE_CPU_PROFILE:-cpu-smollm2-eagle3}" in CPU_COMPOSE_FILE.read_text()
+
+
+def test_models_service_builds_what_the_cpu_worker_needs() -> None:
+    from gateway.cli import build_parser
+
+    services = _services("cpu")
+    args = build_parser().parse_args(services["models"]["command"])
+    assert (args.command, args.models_command) == ("models", "build")
+    assert set(args.names) <= set(BUILDS), f"unknown builds {set(args.names) - set(BUILDS)}"
+    worker_profile = find_profile(engine_args(services["worker-cpu"]["command"]).profile)
+    assert args.names == builds_for(worker_profile) == ["smollm2", "smollm2-eagle3"]
+    assert str(args.models_dir) == engine_args(services["worker-cpu"]["command"]).models_dir.as_posix() == "/models"
+
+
+def test_cpu_worker_keeps_what_vllms_cpu_backend_needs() -> None:
+    worker = _services("cpu")["worker-cpu"]
+    assert "SYS_NICE" in worker["cap_add"]
+    assert "seccomp=unconfined" in worker["security_opt"]
+    assert worker["shm_size"] == "1gb"
+    assert worker["depends_on"] == {"models": {"condition": "service_completed_successfully"}}
+
+
 def test_workers_and_gateways_have_healthchecks_and_restart_policies() -> None:
-    for name, service in _services().items():
+    for stack, name, service in _all_services():
         if service.get("restart") == "no":
             continue
-        assert service.get("restart") in ("unless-stopped", "always"), name
+        assert service.get("restart") in ("unless-stopped", "always"), f"{stack}: {name}"
         test = service.get("healthcheck", {}).get("test")
-        assert test and test[0] == "CMD", f"{name} has no exec-form healthcheck"
-    for name, worker in _workers().items():
+        assert test and test[0] == "CMD", f"{stack}: {name} has no exec-form healthcheck"
+    for name, worker in _all_workers().items():
         assert f"127.0.0.1:{WORKER_PORT}/health" in " ".join(worker["healthcheck"]["test"]), name
         assert worker["healthcheck"].get("start_period"), f"{name}: model load needs a start period"
 
 
 def test_python_healthcheck_commands_compile() -> None:
-    for name, service in _services().items():
+    for _, name, service in _all_services():
         test = service.get("healthcheck", {}).get("test")
         if test and test[1].startswith("python"):
             assert test[2] == "-c", name
@@ -158,11 +219,12 @@ def _gateway_workers(gateway: dict[str, Any]) -> list[str]:
     return [url.strip() for url in gateway["environment"]["SPECGATE_WORKERS"].split(",")]
 
 
-@pytest.mark.parametrize(("profile", "gateway_name"), [("gpu", "gateway"), ("cpu", "gateway-cpu")])
-def test_gateway_waits_for_every_worker_of_its_stack(profile: str, gateway_name: str) -> None:
-    services = _services(profile)
-    gateway = services[gateway_name]
-    workers = set(_workers(profile))
+@pytest.mark.parametrize("stack", ["gpu", "cpu"])
+def test_gateway_waits_for_every_worker_of_its_stack(stack: str) -> None:
+    services = _services(stack)
+    gateway = services["gateway"]
+    workers = set(_workers(stack))
+    assert workers
     assert service_dockerfile(gateway) == "Dockerfile.gateway"
     assert {name: dep["condition"] for name, dep in gateway["depends_on"].items()} == dict.fromkeys(
         workers, "service_healthy"
@@ -170,10 +232,17 @@ def test_gateway_waits_for_every_worker_of_its_stack(profile: str, gateway_name:
     assert sorted(_gateway_workers(gateway)) == sorted(f"http://{name}:{WORKER_PORT}" for name in workers)
 
 
-def test_both_gateways_answer_to_the_name_prometheus_scrapes() -> None:
-    services = _services()
-    assert "gateway" in services
-    assert "gateway" in services["gateway-cpu"]["networks"]["default"]["aliases"]
+@pytest.mark.parametrize("stack", ["gpu", "cpu"])
+def test_each_stack_has_the_gateway_prometheus_scrapes(stack: str) -> None:
+    """prometheus.yml scrapes gateway:8000; each stack's only gateway is the service of that name."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    job = next(job for job in config["scrape_configs"] if job["job_name"] == "specgate-gateway")
+    hosts = {target.split(":")[0] for static in job["static_configs"] for target in static["targets"]}
+    services = _services(stack)
+    gateways = {name for name, spec in services.items() if service_dockerfile(spec) == "Dockerfile.gateway"}
+    assert gateways == hosts == {"gateway"}
+    assert services["gateway"]["ports"][0].endswith(":8000")
+    assert {"prometheus", "grafana"} <= set(services)
 
 
 def test_prometheus_scrapes_the_gateway_and_every_worker() -> None:
@@ -187,11 +256,12 @@ def test_prometheus_scrapes_the_gateway_and_every_worker() -> None:
         scraped |= {f"{name}:{sd['port']}" for name in sd["names"]}
     for static in jobs["vllm"].get("static_configs", []):
         scraped |= set(static["targets"])
-    assert scraped == {f"{name}:{WORKER_PORT}" for name in _workers()}
+    assert scraped == {f"{name}:{WORKER_PORT}" for name in _all_workers()}
 
 
-def test_prometheus_and_grafana_mount_the_configs_they_read() -> None:
-    services = _services()
+@pytest.mark.parametrize("stack", ["gpu", "cpu"])
+def test_prometheus_and_grafana_mount_the_configs_they_read(stack: str) -> None:
+    services = _services(stack)
     prometheus_volumes = services["prometheus"]["volumes"]
     assert "./configs/prometheus:/etc/prometheus:ro" in prometheus_volumes
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
@@ -203,26 +273,39 @@ def test_prometheus_and_grafana_mount_the_configs_they_read() -> None:
 
 
 def test_model_caches_are_shared_volumes() -> None:
-    compose = _compose()
+    gpu = _compose("gpu")
     for name, worker in _workers("gpu").items():
         assert "hf-cache:/cache/huggingface" in worker["volumes"], name
         assert worker["environment"]["HF_HOME"] == "/cache/huggingface"
-    assert "demo-models:/models" in compose["services"]["models"]["volumes"]
-    assert "demo-models:/models:ro" in compose["services"]["worker-cpu"]["volumes"]
-    assert {"hf-cache", "demo-models"} <= set(compose["volumes"])
+    assert set(gpu["volumes"]) == {"hf-cache", "prometheus-data", "grafana-data"}
+    cpu = _compose("cpu")
+    assert "models:/models" in cpu["services"]["models"]["volumes"]
+    assert "models:/models:ro" in cpu["services"]["worker-cpu"]["volumes"]
+    assert set(cpu["volumes"]) == {"models", "prometheus-data", "grafana-data"}
+
+
+@pytest.mark.parametrize("stack", ["gpu", "cpu"])
+def test_every_named_volume_a_service_mounts_is_declared(stack: str) -> None:
+    compose = _compose(stack)
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in compose["volumes"], f"{stack}: {name} mounts undeclared volume {source}"
 
 
 def test_env_example_documents_every_variable_compose_reads() -> None:
-    used = set(_VARIABLE.findall(COMPOSE_FILE.read_text()))
+    used = set(_VARIABLE.findall(_compose_text()))
     used_names = {name for name, _, _ in used}
     documented = set(env_example())
     assert used_names - documented == set(), "undocumented in .env.example"
-    assert documented - used_names - {"COMPOSE_PROFILES"} == set(), "documented but unused"
+    assert documented - used_names == set(), "documented but unused"
+    assert "SPECGATE_CPU_PROFILE" in {name for name, _, _ in _VARIABLE.findall(CPU_COMPOSE_FILE.read_text())}
 
 
 def test_env_example_defaults_agree_with_compose_defaults() -> None:
     example = env_example()
-    for name, _, default in _VARIABLE.findall(COMPOSE_FILE.read_text()):
+    for name, _, default in _VARIABLE.findall(_compose_text()):
         assert example[name] == default, f"{name}: .env.example says {example[name]!r}, compose {default!r}"
 
 
@@ -240,7 +323,7 @@ def test_no_secret_is_written_into_compose_or_images() -> None:
 
 
 def _compose_worker_commands() -> list[tuple[str, list[str]]]:
-    return [(name, spec["command"]) for name, spec in _workers().items()]
+    return [(name, spec["command"]) for name, spec in _all_workers().items()]
 
 
 @pytest.mark.parametrize(("service", "command"), _compose_worker_commands())
@@ -261,6 +344,7 @@ def test_compose_worker_command_execs_what_engine_renders(
 
 
 def test_speculative_decoding_is_on_by_default_in_both_stacks() -> None:
-    for name, worker in _workers().items():
+    assert {stack for stack in COMPOSE_FILES if _workers(stack)} == {"gpu", "cpu"}
+    for name, worker in _all_workers().items():
         profile = find_profile(engine_args(worker["command"]).profile)
         assert profile.speculative is not None, f"{name} runs {profile.name} without speculation"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.support import PROMETHEUS_CONFIG, compose_config, service_dockerfile
+from tests.deploy.support import PROMETHEUS_CONFIG, rendered_services, service_dockerfile
 
 # Characters a careless entrypoint would split, glob or expand.
 METRICS_TOKEN = "scrape s3cret;*$HOME"
@@ -23,25 +22,18 @@ def _token_env_file(tmp_path: Path, token: str) -> Path:
     return path
 
 
-def _rendered_services(profile: str, env_file: Path) -> dict[str, dict[str, Any]]:
-    result = compose_config("--profile", profile, "config", "--format", "json", env_file=env_file)
-    assert result.returncode == 0, result.stderr
-    services: dict[str, dict[str, Any]] = json.loads(result.stdout)["services"]
-    return services
-
-
 def _gateway_scrape_job() -> dict[str, Any]:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     job: dict[str, Any] = next(job for job in config["scrape_configs"] if job["job_name"] == "specgate-gateway")
     return job
 
 
-@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+@pytest.mark.parametrize("stack", ["gpu", "cpu"])
 @pytest.mark.parametrize("token", [METRICS_TOKEN, ""])
-def test_every_gateway_and_prometheus_get_the_metrics_token(profile: str, token: str, tmp_path: Path) -> None:
-    services = _rendered_services(profile, _token_env_file(tmp_path, token))
+def test_every_gateway_and_prometheus_get_the_metrics_token(stack: str, token: str, tmp_path: Path) -> None:
+    services = rendered_services(stack, _token_env_file(tmp_path, token))
     gateways = [name for name, spec in services.items() if service_dockerfile(spec) == "Dockerfile.gateway"]
-    assert gateways
+    assert gateways == ["gateway"]
     for name in [*gateways, "prometheus"]:
         # `compose config` prints the model re-escaped ($$ for a literal $); the container gets one $.
         assert services[name]["environment"]["SPECGATE_METRICS_TOKEN"].replace("$$", "$") == token, name
@@ -59,7 +51,7 @@ def test_prometheus_entrypoint_writes_the_token_file_and_execs_prometheus(
     token: str, tmp_path: Path, empty_env_file: Path
 ) -> None:
     """Runs the prometheus service's entrypoint here, with its paths moved under tmp_path."""
-    prometheus = _rendered_services("cpu", empty_env_file)["prometheus"]
+    prometheus = rendered_services("cpu", empty_env_file)["prometheus"]
     # `compose config` prints the model re-escaped ($$ for a literal $); the container gets one $.
     entrypoint = [part.replace("$$", "$") for part in prometheus["entrypoint"]]
     assert entrypoint[:2] == ["/bin/sh", "-c"]
