@@ -2,11 +2,12 @@
 
     flock /tmp/specgate-heavy.lock python -m benchmarks.bench_spec_pool --concurrency 1 2 4 8 16 32
 
-Four set-ups of two workers (each pinned to its own core) behind one gateway: both speculating (cpu-demo),
-neither (cpu-baseline), and one of each under `least_loaded` and under `spec_aware`. For each, `vllm bench
-serve` sends greedy code-continuation prompts (benchmarks/bench_speculation.py's) at each concurrency, in
-rising order, through the gateway; the spec_aware gateway learns from those same requests as it goes. Goodput
-here is output tokens per second of requests whose TPOT met --tpot-slo-ms.
+Four set-ups of two SmolLM2-135M-Instruct workers (each pinned to its own core) behind one gateway: both
+speculating with the EAGLE-3 draft (cpu-smollm2-eagle3), neither (cpu-smollm2), and one of each under
+`least_loaded` and under `spec_aware`. For each, `vllm bench serve` sends greedy held-out chat prompts
+(benchmarks/bench_speculation.py's) at each concurrency, in rising order, through the gateway; the spec_aware
+gateway learns from those same requests as it goes. Goodput here is requests per second whose TPOT met
+--tpot-slo-ms.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from typing import Any
 from benchmarks.bench_speculation import build_prompts
 from benchmarks.harness import RESULTS, gateway, run_vllm_bench, worker
 from engine.demo_models import default_models_dir
+from engine.smollm2.target import TARGET_DIR
 
+SPECULATING, PLAIN = "cpu-smollm2-eagle3", "cpu-smollm2"
+MIXED = (SPECULATING, PLAIN)
 SETUPS = (
-    ("both speculating", ("cpu-demo", "cpu-demo"), "least_loaded"),
-    ("neither", ("cpu-baseline", "cpu-baseline"), "least_loaded"),
-    ("one of each, least_loaded", ("cpu-demo", "cpu-baseline"), "least_loaded"),
-    ("one of each, spec_aware", ("cpu-demo", "cpu-baseline"), "spec_aware"),
+    ("both speculating", (SPECULATING, SPECULATING), "least_loaded"),
+    ("neither", (PLAIN, PLAIN), "least_loaded"),
+    ("one of each, least_loaded", MIXED, "least_loaded"),
+    ("one of each, spec_aware", MIXED, "spec_aware"),
 )
 WORKER_PORTS = (8390, 8391)
 GATEWAY_PORTS = (8392, 8393)
@@ -43,15 +47,16 @@ def pool(profiles: Sequence[str], workdir: Path) -> Iterator[list[str]]:
 
 def measure(gateway_url: str, setup: str, args: argparse.Namespace, prompts: Path, workdir: Path
             ) -> list[dict[str, Any]]:
-    tokenizer = str(default_models_dir() / "demo-target")
+    tokenizer = str(default_models_dir() / TARGET_DIR)
     rows = []
     for concurrency in args.concurrency:
         requests = max(args.min_requests, concurrency * args.requests_per_stream)
         bench_args = [
-            "--backend", "openai", "--endpoint", "/v1/completions", "--model", "demo", "--tokenizer", tokenizer,
+            "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--model", "smollm2",
+            "--tokenizer", tokenizer,
             "--dataset-name", "sharegpt", "--dataset-path", str(prompts), "--sharegpt-output-len",
             str(args.output_len), "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
-            "--temperature", "0", "--ignore-eos", "--seed", str(args.seed), "--percentile-metrics",
+            "--temperature", "0", "--seed", str(args.seed), "--percentile-metrics",
             "ttft,tpot,itl,e2el", "--goodput", f"tpot:{args.tpot_slo_ms}",
         ]
         out = workdir / f"{setup.replace(' ', '_').replace(',', '')}-{concurrency}.json"
@@ -65,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--requests-per-stream", type=int, default=4)
     parser.add_argument("--min-requests", type=int, default=16)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    parser.add_argument("--output-len", type=int, default=96)
+    parser.add_argument("--tpot-slo-ms", type=float, default=150.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS / "spec-pool.md")
     args = parser.parse_args(argv)
@@ -76,13 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     mixed: list[tuple[str, str]] = []
     for setup, profiles, policy in SETUPS:
-        if profiles == ("cpu-demo", "cpu-baseline"):
+        if profiles == MIXED:
             mixed.append((setup, policy))
             continue
         with pool(profiles, workdir) as urls, gateway(urls, GATEWAY_PORTS[0], None, workdir) as url:
             rows += measure(url, setup, args, prompts, workdir)
     # The mixed pool once, for both policies: the same two workers, two gateways measured in turn.
-    with pool(("cpu-demo", "cpu-baseline"), workdir) as urls:
+    with pool(MIXED, workdir) as urls:
         for (setup, policy), port in zip(mixed, GATEWAY_PORTS, strict=True):
             with gateway(urls, port, None, workdir, extra=["--routing", policy]) as url:
                 rows += measure(url, setup, args, prompts, workdir)
@@ -106,9 +111,9 @@ def render(rows: list[dict[str, Any]], command: str, args: argparse.Namespace, a
     lines = [
         "# A pool of two workers: speculating, not, or one of each under least_loaded and spec_aware\n",
         f"Command: `{command.strip()}`\n",
-        f"Greedy completions of Python test-suite code through the gateway, {args.output_len} output tokens each; "
-        f"goodput counts requests with TPOT ≤ {args.tpot_slo_ms:g} ms. Demo models (cpu-demo: 4-layer target with "
-        "its 1-layer draft, k=3; cpu-baseline: the target alone), each worker on its own core.\n",
+        f"Greedy answers to held-out chat prompts through the gateway, ending naturally within {args.output_len} "
+        f"tokens; goodput counts requests with TPOT ≤ {args.tpot_slo_ms:g} ms. SmolLM2-135M-Instruct "
+        f"({SPECULATING}: with its EAGLE-3 draft, k=3; {PLAIN}: alone), each worker on its own core.\n",
         "| set-up | concurrency | output tok/s | goodput (req/s) | mean TPOT (ms) | median TPOT (ms) | "
         "mean TTFT (ms) |",
         "|---|---:|---:|---:|---:|---:|---:|",

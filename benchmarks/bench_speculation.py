@@ -1,10 +1,12 @@
-"""Benchmark: speculative decoding (cpu-demo) against none (cpu-baseline), through the gateway, in one run.
+"""Benchmark: SmolLM2-135M-Instruct with its EAGLE-3 draft, with n-gram speculation, and without, in one run.
 
-    python -m benchmarks.bench_speculation --concurrency 1 32
+    python -m benchmarks.bench_speculation --concurrency 1 4 16 64
 
-For each profile a worker starts on core 0 and the gateway on core 1; `vllm bench serve` sends greedy
-code-continuation prompts (Python test-suite sources, which the demo models were not trained on) through
-the gateway. Acceptance comes from the worker's own vllm:spec_decode_* counters, read before and after.
+For each profile a worker starts on core 0 and the gateway on core 1; `vllm bench serve` sends greedy chat
+prompts the draft was never trained on (engine/smollm2/prompts.py, held-out subjects) through the gateway,
+answers ending naturally (at most --output-len tokens). Acceptance comes from the worker's own
+vllm:spec_decode_* counters, read before and after each level. The answers at concurrency 1 are compared
+across profiles: speculation must not change a greedy answer.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import random
 import re
 import sys
-import sysconfig
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +23,11 @@ from typing import Any
 
 from benchmarks.harness import RESULTS, gateway, run_vllm_bench, scrape, worker
 from engine.demo_models import default_models_dir
+from engine.smollm2.prompts import held_out_prompts
+from engine.smollm2.target import TARGET_DIR
 
-PROFILES = ("cpu-baseline", "cpu-demo")
+BASELINE = "cpu-smollm2"
+PROFILES = (BASELINE, "cpu-smollm2-eagle3", "cpu-smollm2-ngram")
 SPEC_COUNTERS = {
     "drafts": "vllm:spec_decode_num_drafts_total",
     "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
@@ -34,19 +37,9 @@ PER_POSITION = re.compile(r'^vllm:spec_decode_num_accepted_tokens_per_pos_total\
 
 
 def build_prompts(path: Path, count: int, seed: int) -> Path:
-    """A ShareGPT-shaped file of code prefixes from the standard library's tests (unseen in training)."""
-    tests = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("test/test_*.py"))
-    rng = random.Random(seed)
-    entries = []
-    while len(entries) < count:
-        lines = rng.choice(tests).read_text(errors="replace").splitlines()
-        if len(lines) < 40:
-            continue
-        start = rng.randrange(0, len(lines) - 30)
-        prompt = "\n".join(lines[start : start + 12])
-        answer = "\n".join(lines[start + 12 : start + 30])
-        if len(prompt) > 200 and len(answer) > 100:
-            entries.append({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
+    """A ShareGPT-shaped file of held-out chat prompts (the answer field is unused: --sharegpt-output-len)."""
+    entries = [{"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "-"}]}
+               for prompt in held_out_prompts(count, seed)]
     path.write_text(json.dumps(entries))
     return path
 
@@ -80,34 +73,41 @@ def acceptance(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--requests-per-level", type=int, nargs="+", default=[24, 160])
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--profiles", nargs="+", default=list(PROFILES))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests-per-level", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS / "speculation.md")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="specgate-spec-"))
-    prompts = build_prompts(workdir / "prompts.json", max(args.requests_per_level) + 8, args.seed)
-    tokenizer = str(default_models_dir() / "demo-target")
+    prompts = build_prompts(workdir / "prompts.json", max(args.requests_per_level), args.seed)
+    tokenizer = str(default_models_dir() / TARGET_DIR)
     rows: list[dict[str, Any]] = []
-    for profile in PROFILES:
+    answers: dict[str, list[str]] = {}
+    for profile in args.profiles:
         with contextlib.ExitStack() as stack:
             worker_url = stack.enter_context(worker(profile, 8290, "0", workdir))
             gateway_url = stack.enter_context(gateway([worker_url], 8291, 1, workdir))
             for concurrency, requests in zip(args.concurrency, args.requests_per_level, strict=True):
                 bench_args = [
-                    "--backend", "openai", "--endpoint", "/v1/completions", "--model", "demo",
+                    "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--model", "smollm2",
                     "--tokenizer", tokenizer, "--dataset-name", "sharegpt", "--dataset-path", str(prompts),
                     "--sharegpt-output-len", str(args.output_len), "--num-prompts", str(requests),
-                    "--max-concurrency", str(concurrency), "--temperature", "0", "--ignore-eos",
+                    "--max-concurrency", str(concurrency), "--temperature", "0", "--save-detailed",
                     "--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
                 ]
                 before = spec_counters(worker_url)
-                result = run_vllm_bench(gateway_url, bench_args, workdir / f"{profile}-{concurrency}.json", 1)
+                result: dict[str, Any] = run_vllm_bench(gateway_url, bench_args,
+                                                        workdir / f"{profile}-{concurrency}.json", 1)
                 after = spec_counters(worker_url)
-                rows.append({"profile": profile, "concurrency": concurrency, **result, **acceptance(before, after)})
+                if concurrency == 1:
+                    answers[profile] = list(result.get("generated_texts", []))
+                summary = {key: value for key, value in result.items() if not isinstance(value, list)}
+                rows.append({"profile": profile, "concurrency": concurrency, **summary, **acceptance(before, after)})
+    identical = {profile: answers[profile] == answers.get(args.profiles[0]) for profile in answers}
     command = "python -m benchmarks.bench_speculation " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = render_report(rows, command)
+    report = render_report(rows, command, identical, len(answers.get(args.profiles[0], [])))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     plot(rows, args.output.with_suffix(".png"))
@@ -115,21 +115,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def render_report(rows: list[dict[str, Any]], command: str) -> str:
+def render_report(rows: list[dict[str, Any]], command: str, identical: dict[str, bool], answers: int) -> str:
+    baseline = {int(row["concurrency"]): float(row["output_throughput"]) for row in rows
+                if row["profile"] == rows[0]["profile"]}
     lines = [
-        "# Speculative decoding on the CPU engine: cpu-demo (draft, k=3) vs cpu-baseline\n",
+        "# Speculative decoding on the CPU engine: SmolLM2-135M-Instruct with and without speculation\n",
         f"Command: `{command.strip()}`\n",
-        "Greedy completions of Python test-suite code through the gateway, 64 output tokens each.\n",
-        "| profile | concurrency | output tok/s | mean TTFT (ms) | mean TPOT (ms) | median TPOT (ms) | "
+        "Greedy chat answers to held-out prompts through the gateway (each ends naturally, at most the output "
+        "length); worker on core 0, gateway and client on core 1. `vs base` is output tok/s over "
+        f"{rows[0]['profile']}'s at the same concurrency.\n",
+        "Greedy answers at concurrency 1 identical to the first profile's ("
+        + ", ".join(f"{profile}: {'yes' if same else 'NO'}" for profile, same in identical.items())
+        + f"; {answers} answers each).\n",
+        "| profile | concurrency | output tok/s | vs base | mean TTFT (ms) | mean TPOT (ms) | median TPOT (ms) | "
         "mean ITL (ms) | acceptance rate | mean acceptance length | per-position acceptance |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         positions = ", ".join(f"{float(row[k]):.2f}" for k in sorted(row) if str(k).startswith("accept_pos"))
         rate = f"{float(row['acceptance_rate']):.3f}" if "acceptance_rate" in row else "-"
         length = f"{float(row['mean_acceptance_length']):.2f}" if "mean_acceptance_length" in row else "-"
+        ratio = float(row["output_throughput"]) / baseline[int(row["concurrency"])]
         lines.append(
-            f"| {row['profile']} | {row['concurrency']} | {float(row['output_throughput']):.1f} | "
+            f"| {row['profile']} | {row['concurrency']} | {float(row['output_throughput']):.1f} | {ratio:.2f}x | "
             f"{float(row['mean_ttft_ms']):.1f} | "
             f"{float(row['mean_tpot_ms']):.2f} | {float(row['median_tpot_ms']):.2f} | "
             f"{float(row['mean_itl_ms']):.2f} | {rate} | {length} | {positions or '-'} |"
@@ -145,8 +153,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     levels = sorted({int(row["concurrency"]) for row in rows})
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.38
-    for offset, profile in ((-width / 2, "cpu-baseline"), (width / 2, "cpu-demo")):
+    profiles = list(dict.fromkeys(str(row["profile"]) for row in rows))
+    width = 0.8 / len(profiles)
+    for index, profile in enumerate(profiles):
+        offset = (index - (len(profiles) - 1) / 2) * width
         mine = {int(r["concurrency"]): r for r in rows if r["profile"] == profile}
         xs = [i + offset for i in range(len(levels))]
         left.bar(xs, [float(mine[c]["output_throughput"]) for c in levels], width, label=profile)

@@ -29,16 +29,16 @@ Say = Callable[[str], None]
 class DraftRecipe:
     """Everything that decides the draft's weights; a change rebuilds it."""
 
-    version: int = 1
+    version: int = 2
     seed: int = 0
-    prompts: int = 448
+    prompts: int = 672
     max_new_tokens: int = 128
     generation_batch: int = 64
     draft_vocab_size: int = 4096
     aux_layers: tuple[int, ...] = (2, 15, 27)
     drafting_steps: int = 3
     step_weight_decay: float = 0.8
-    train_steps: int = 300
+    train_steps: int = 700
     batch_sequences: int = 8
     learning_rate: float = 1e-3
     warmup_steps: int = 20
@@ -47,14 +47,16 @@ class DraftRecipe:
 @dataclass
 class Example:
     ids: torch.Tensor  # (L,) prompt and answer
+    answer_start: int  # index of the answer's first token
     aux: torch.Tensor  # (L, 3 * hidden) the residual stream entering the aux layers
     teacher: torch.Tensor  # (L, draft vocab) the target's logits for the next token, over the draft vocabulary
 
 
-def generate(target: Any, tokenizer: Any, prompts: list[str], recipe: DraftRecipe, say: Say) -> list[torch.Tensor]:
-    """The target's greedy answers (prompt + answer ids, no padding), in batches with left padding."""
+def generate(target: Any, tokenizer: Any, prompts: list[str], recipe: DraftRecipe, say: Say
+             ) -> list[tuple[torch.Tensor, int]]:
+    """The target's greedy answers as (prompt + answer ids, answer start), in batches with left padding."""
     tokenizer.padding_side = "left"
-    sequences: list[torch.Tensor] = []
+    sequences: list[tuple[torch.Tensor, int]] = []
     started = time.monotonic()
     for start in range(0, len(prompts), recipe.generation_batch):
         chunk = [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -70,7 +72,7 @@ def generate(target: Any, tokenizer: Any, prompts: list[str], recipe: DraftRecip
             ends = (answer == tokenizer.eos_token_id).nonzero()
             if len(ends):
                 answer = answer[: int(ends[0]) + 1]
-            sequences.append(torch.cat([row[:width][mask.bool()], answer]))
+            sequences.append((torch.cat([row[:width][mask.bool()], answer]), int(mask.sum())))
         done = start + len(chunk)
         left = (time.monotonic() - started) / done * (len(prompts) - done)
         say(f"  generated {done}/{len(prompts)} answers (about {left:.0f}s left)")
@@ -86,17 +88,24 @@ def choose_vocabulary(sequences: list[torch.Tensor], size: int, always: list[int
     return torch.sort(chosen).values
 
 
-def extract(target: Any, sequences: list[torch.Tensor], vocabulary: torch.Tensor, recipe: DraftRecipe,
-            say: Say) -> list[Example]:
-    """Run the target once over every sequence and keep what training needs."""
+def extract(target: Any, sequences: list[tuple[torch.Tensor, int]], vocabulary: torch.Tensor,
+            recipe: DraftRecipe, say: Say) -> list[Example]:
+    """Run the target once over every sequence (batched, right-padded) and keep what training needs."""
     examples: list[Example] = []
-    for index, ids in enumerate(sequences):
+    batch = 16
+    for start in range(0, len(sequences), batch):
+        chunk = [sequence for sequence, _ in sequences[start : start + batch]]
+        ids = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True, padding_value=0)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in chunk], batch_first=True)
         with torch.no_grad():
-            out = target(ids[None], output_hidden_states=True)
-        aux = torch.cat([out.hidden_states[layer][0] for layer in recipe.aux_layers], -1)
-        examples.append(Example(ids, aux.to(torch.bfloat16), out.logits[0][:, vocabulary].to(torch.bfloat16)))
-        if (index + 1) % 100 == 0:
-            say(f"  target features for {index + 1}/{len(sequences)} sequences")
+            out = target(ids, attention_mask=mask, output_hidden_states=True)
+        aux = torch.cat([out.hidden_states[layer] for layer in recipe.aux_layers], -1)
+        teacher = out.logits[:, :, vocabulary]
+        for row, sequence in enumerate(chunk):
+            length = len(sequence)
+            examples.append(Example(sequence, sequences[start + row][1], aux[row, :length].to(torch.bfloat16),
+                                    teacher[row, :length].to(torch.bfloat16)))
+        say(f"  target features for {len(examples)}/{len(sequences)} sequences")
     return examples
 
 
@@ -114,14 +123,15 @@ def _batch(examples: list[Example]) -> tuple[torch.Tensor, ...]:
         return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=0)[:, :length]
 
     lengths = torch.tensor([len(example.ids) for example in examples])
+    starts = torch.tensor([example.answer_start for example in examples])
     return (pad([e.ids for e in examples]), pad([e.aux for e in examples]).float(),
-            pad([e.teacher for e in examples]).float(), lengths)
+            pad([e.teacher for e in examples]).float(), lengths, starts)
 
 
 def drafting_loss(head: Eagle3Head, embed: torch.nn.Embedding, examples: list[Example],
                   recipe: DraftRecipe) -> tuple[torch.Tensor, float]:
     """KL(target || draft) summed over the drafting steps; also the first step's top-1 agreement."""
-    ids, aux, teacher, lengths = _batch(examples)
+    ids, aux, teacher, lengths, starts = _batch(examples)
     batch, length = ids.shape
     anchors = torch.arange(length)
     hidden = head.fc(aux)
@@ -132,7 +142,8 @@ def drafting_loss(head: Eagle3Head, embed: torch.nn.Embedding, examples: list[Ex
         shift = step + 1  # the input token is x[anchor + shift]; the target is teacher[anchor + shift]
         tokens = F.pad(ids[:, shift:], (0, shift))
         wanted = F.pad(teacher[:, shift:], (0, 0, 0, shift))
-        valid = anchors[None] < (lengths[:, None] - shift)
+        # Only where the token predicted (x[anchor + shift + 1]) is part of the answer: that is what is drafted.
+        valid = (anchors[None] < (lengths[:, None] - shift)) & (anchors[None] + shift + 1 >= starts[:, None])
         logits, hidden, past = head.step(embed(tokens), hidden, (anchors + step).expand(batch, -1),
                                          _ttt_mask(length, step), past)
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(wanted, -1), log_target=True, reduction="none")
@@ -197,9 +208,19 @@ def distill(target_dir: Path, out_dir: Path, recipe: DraftRecipe, say: Say) -> d
     target = LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
     prompts = training_prompts(recipe.seed)[: recipe.prompts]
     say(f"the target answers {len(prompts)} training prompts (greedy, up to {recipe.max_new_tokens} tokens)")
-    # Answers are generated in bf16 (1.4x faster here); the teacher's logits are then taken in float32.
-    sequences = generate(copy.deepcopy(target).to(torch.bfloat16), tokenizer, prompts, recipe, say)
-    vocabulary = choose_vocabulary(sequences, recipe.draft_vocab_size, [tokenizer.eos_token_id])
+    # The answers take most of the build; they are kept beside the models so a changed training recipe reuses them.
+    cache = out_dir.parent / ".cache" / (f"smollm2-answers-seed{recipe.seed}-n{len(prompts)}-"
+                                         f"t{recipe.max_new_tokens}-b{recipe.generation_batch}.pt")
+    if cache.is_file():
+        sequences = torch.load(cache)
+        say(f"reusing {len(sequences)} answers from {cache}")
+    else:
+        # Generated in bf16 (1.4x faster here); the teacher's logits are then taken in float32.
+        sequences = generate(copy.deepcopy(target).to(torch.bfloat16), tokenizer, prompts, recipe, say)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(sequences, cache)
+    vocabulary = choose_vocabulary([ids[start:] for ids, start in sequences], recipe.draft_vocab_size,
+                                   [tokenizer.eos_token_id])
     say(f"draft vocabulary: {len(vocabulary)} of {target.config.vocab_size} tokens")
     examples = extract(target, sequences, vocabulary, recipe, say)
     head = initial_head(target, vocabulary, recipe)
@@ -214,4 +235,5 @@ def distill(target_dir: Path, out_dir: Path, recipe: DraftRecipe, say: Say) -> d
                   eagle_config={"eagle_aux_hidden_state_layer_ids": list(recipe.aux_layers)})
     config.pop("quantization_config", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"training_tokens": sum(len(s) for s in sequences), **facts}
+    return {"training_answers": len(sequences), "answer_tokens": sum(len(ids) - start for ids, start in sequences),
+            **facts}

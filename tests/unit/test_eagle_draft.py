@@ -63,7 +63,7 @@ def test_training_lowers_the_drafting_loss() -> None:
     recipe = DraftRecipe(aux_layers=(1, 2, 3), drafting_steps=3)
     head = Eagle3Head(tiny_config(), 12, recipe.aux_layers)
     embed = torch.nn.Embedding(60, 32).requires_grad_(False)
-    examples = [Example(torch.randint(60, (length,)), torch.randn(length, 96), torch.randn(length, 12) * 3)
+    examples = [Example(torch.randint(60, (length,)), 2, torch.randn(length, 96), torch.randn(length, 12) * 3)
                 for length in (9, 12, 7)]
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
     first, _ = drafting_loss(head, embed, examples, recipe)
