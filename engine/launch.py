@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,12 +24,27 @@ class EngineStartError(RuntimeError):
     """A worker died or did not come up in time; carries the tail of its log."""
 
 
+# An exception's own line ("pkg.SomeError: message"), as vLLM's processes log it under their ERROR prefix.
+_EXCEPTION_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) ERROR [^\]]*\] )?(?:[\w.]+\.)?\w*(?:Error|Exception): ")
+
+
 def _log_tail(path: Path, lines: int = 40) -> str:
+    """The log's last lines, led by the first exception it records: vLLM's worker processes log the root cause
+    well above the engine's closing traceback."""
     try:
         with path.open("r", errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines))
+            tail: deque[str] = deque(maxlen=lines)
+            first_error = None
+            for line in handle:
+                tail.append(line)
+                if first_error is None and _EXCEPTION_LINE.match(line):
+                    first_error = line
     except OSError:
         return "(no log)"
+    text = "".join(tail)
+    if first_error is not None and first_error not in tail:
+        return f"first error: {first_error}...\n{text}"
+    return text
 
 
 def _port_free(port: int) -> bool:

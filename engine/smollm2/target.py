@@ -74,7 +74,7 @@ def build_draft(models_dir: Path, say: Callable[[str], None], force: bool = Fals
         say(f"{DRAFT_DIR} already built in {models_dir}")
         return out
     started = time.monotonic()
-    say(f"distilling the EAGLE-3 draft for {TARGET_DIR} (about 10 min on 2 cores)")
+    say(f"distilling the EAGLE-3 draft for {TARGET_DIR} (about 20 min on 2 cores, with progress)")
     facts = distill(target, out, recipe, say)
     write_manifest(out, wanted, {"role": "draft", "method": "eagle3", "target": TARGET_DIR,
                                  "recipe_source": "engine/smollm2/distill.py", **facts})

@@ -54,6 +54,20 @@ def test_speculation_does_not_change_greedy_output(gateway_url: str, baseline_wo
             assert _greedy(gateway_url, prompt) == _greedy(baseline_gateway, prompt), prompt
 
 
+def test_greedy_output_through_spec_aware_equals_the_plain_workers(
+    gateway_url: str, worker_url: str, baseline_worker: WorkerProcess
+) -> None:
+    """A spec_aware gateway over a speculating and a plain worker: every answer as the plain worker alone gives."""
+    served_before = {url: worker_metric(url, "vllm:request_success_total") for url in (worker_url, baseline_worker.url)}
+    with running_gateway(baseline_worker.url) as plain, \
+            running_gateway(worker_url, baseline_worker.url, routing="spec_aware") as mixed:
+        for prompt in PROMPTS * 3:
+            assert _greedy(mixed, prompt) == _greedy(plain, prompt), prompt
+    # Both workers answered some of the spec_aware gateway's requests (unmeasured workers are tried first).
+    assert worker_metric(worker_url, "vllm:request_success_total") > served_before[worker_url]
+    assert worker_metric(baseline_worker.url, "vllm:request_success_total") > served_before[baseline_worker.url] + 12
+
+
 def test_repeated_long_prompt_hits_the_prefix_cache(gateway_url: str, worker_url: str) -> None:
     long_prompt = "\n".join(f"def handler_{i}(request, response):\n    return response" for i in range(60))
     hits_before = worker_metric(worker_url, "vllm:prefix_cache_hits_total")
