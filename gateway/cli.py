@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-DEFAULT_PROFILE = "cpu-smollm2-eagle3"
+DEFAULT_PROFILE = "cpu-smollm2"
 DEFAULT_WORKER_PORT = 8100
 ROUTING_POLICIES = ("least_loaded", "power_of_two", "prefix_aware", "round_robin", "session_affinity", "spec_aware")
 

@@ -112,7 +112,7 @@ def test_cpu_worker_keeps_what_vllms_cpu_backend_needs(empty_env_file: Path) -> 
     assert "SYS_NICE" in worker["cap_add"]
     assert "seccomp=unconfined" in worker["security_opt"]
     assert int(worker["shm_size"]) >= 1 << 30
-    assert worker["command"][worker["command"].index("--profile") + 1] == "cpu-smollm2-eagle3"
+    assert worker["command"][worker["command"].index("--profile") + 1] == "cpu-smollm2"
     assert worker["depends_on"]["models"]["condition"] == "service_completed_successfully"
 
 

@@ -67,10 +67,12 @@ def test_gpu_eagle3_profile_renders_vllms_eagle3_method_with_its_head() -> None:
     assert flags["--per-request-spec-decode-metrics"] == "summary"
 
 
-def test_default_profile_serves_smollm2_with_its_eagle3_draft_under_the_demo_alias() -> None:
+def test_default_profile_serves_smollm2_under_the_demo_alias_and_its_draft_profile_speculates() -> None:
     from gateway.cli import DEFAULT_PROFILE
 
-    profile = find_profile(DEFAULT_PROFILE)
+    assert find_profile(DEFAULT_PROFILE).public_name == "smollm2"
+    assert find_profile(DEFAULT_PROFILE).speculative is None
+    profile = find_profile("cpu-smollm2-eagle3")
     flags = _flags(render(profile, host="h", port=1, models_dir=MODELS).argv)
     assert profile.public_name == "smollm2"
     assert flags["--served-model-name"] == "smollm2 demo"
