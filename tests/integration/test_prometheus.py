@@ -22,7 +22,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy.support import RULE_FILES, SYNTHETIC_METRICS, VLLM_METRICS, raw_metrics_used
+from tests.deploy.promql_support import SYNTHETIC_METRICS, VLLM_METRICS, raw_metrics_used
+from tests.deploy.support import RULE_FILES
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -223,7 +224,7 @@ def test_every_metric_of_the_dashboard_and_rules_is_on_a_real_scrape(
 
 
 def test_the_exceptions_are_still_gateway_metrics() -> None:
-    from tests.deploy.support import gateway_metrics
+    from tests.deploy.promql_support import gateway_metrics
 
     assert set(ONLY_AFTER_EVENTS) <= set(gateway_metrics())
     assert set(ONLY_AFTER_EVENTS) <= raw_metrics_used(), "an exception for a metric nothing reads"
