@@ -130,7 +130,7 @@ class Forwarding:
 
         def finish(done: RequestRecord) -> None:
             services.drainer.untrack(opened)
-            services.pool.finished(worker)
+            services.pool.finished(worker, done)
             admitted.close(done)
 
         stream = Stream(None, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock,
@@ -179,7 +179,7 @@ class Forwarding:
         finally:
             services.drainer.untrack(drain)
             drain.close()
-        services.pool.finished(worker)
+        services.pool.finished(worker, record)
         try:
             answer = orjson.loads(content)
             usage = answer.get("usage") or {}

@@ -40,6 +40,11 @@ class RequestRecord:
     attempts: int = 0
     # The worker's queue depth when this request started on it, this request included (workers/serving_stats.py).
     worker_open_at_start: int = 0
+    # This gateway's time-averaged open requests on the worker over the request's life, this one included: the
+    # load it was actually served at, which a busy pool changes after it starts (workers/serving_stats.py).
+    worker_mean_open: float = 0.0
+    worker_started_at: float | None = None
+    worker_open_area_at_start: float = 0.0
     disconnected: bool = False
     # Speculative decoding, from the worker's per-request report (observability/speculation.py); 0 without it.
     spec_draft_tokens: int = 0
@@ -117,6 +122,7 @@ class RequestRecord:
             "status": self.status,
             "stream": self.stream,
             "attempts": self.attempts,
+            "worker_mean_open": _round(self.worker_mean_open or None),
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
             "queue_s": _round(self.queue_seconds),

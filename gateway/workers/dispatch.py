@@ -83,7 +83,7 @@ class Dispatcher:
             tried.append(worker)
             record.attempts = len(tried)
             record.worker = worker.url
-            self._pool.started(worker)
+            self._pool.started(worker, record)
             record.worker_open_at_start = round(self._pool.queue_depth(worker))
             try:
                 result = await send(worker)

@@ -12,6 +12,7 @@ import orjson
 
 from gateway.errors import GatewayError
 from gateway.observability.metrics import Metrics
+from gateway.observability.record import RequestRecord
 from gateway.upstream.client import WorkerClient
 from gateway.upstream.http1.errors import WorkerUnreachable
 from gateway.workers.discovery import resolve
@@ -46,6 +47,10 @@ class Worker:
     healthy: bool = False
     model_cards: dict[str, dict[str, Any]] = field(default_factory=dict)
     in_flight: int = 0
+    # The integral of `in_flight` over time up to `open_area_at`: a request's mean load over its life is the
+    # difference of two readings divided by its duration (workers/serving_stats.py).
+    open_area: float = 0.0
+    open_area_at: float = 0.0
     consecutive_failures: int = 0
     health_failures: int = 0
     ejections: int = 0
@@ -58,6 +63,14 @@ class Worker:
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
+
+    def open_integral(self, now: float) -> float:
+        return self.open_area + self.in_flight * (now - self.open_area_at)
+
+    def count_open(self, now: float, change: int) -> None:
+        self.open_area = self.open_integral(now)
+        self.open_area_at = now
+        self.in_flight += change
 
     def queue_depth(self, now: float, stale_after_s: float) -> float:
         """This gateway's open requests plus the worker's own waiting queue, when that is fresh."""
@@ -195,12 +208,21 @@ class WorkerPool:
     def queue_depth(self, worker: Worker) -> float:
         return worker.queue_depth(self._clock(), self.timing.stale_after_s)
 
-    def started(self, worker: Worker) -> None:
-        worker.in_flight += 1
+    def started(self, worker: Worker, record: RequestRecord) -> None:
+        """Count the request open on the worker and note where the worker's load integral stood."""
+        now = self._clock()
+        worker.count_open(now, +1)
+        record.worker_started_at = now
+        record.worker_open_area_at_start = worker.open_area
         self._metrics.child(self._metrics.worker_in_flight, worker.url).set(worker.in_flight)
 
-    def finished(self, worker: Worker) -> None:
-        worker.in_flight -= 1
+    def finished(self, worker: Worker, record: RequestRecord | None = None) -> None:
+        """Count it closed; with its record, note the mean load it ran at (open requests, time-weighted)."""
+        now = self._clock()
+        if record is not None and record.worker_started_at is not None and now > record.worker_started_at:
+            elapsed = now - record.worker_started_at
+            record.worker_mean_open = (worker.open_integral(now) - record.worker_open_area_at_start) / elapsed
+        worker.count_open(now, -1)
         self._metrics.child(self._metrics.worker_in_flight, worker.url).set(worker.in_flight)
 
     def succeeded(self, worker: Worker) -> None:

@@ -1,6 +1,7 @@
 """What each worker delivers at each load, learned online from the gateway's own finished requests: the time per
-output token (TPOT) a request got, by how many requests this gateway had open on its worker when it started, and
-the worker's draft acceptance when it speculates.
+output token (TPOT) a request got, by how many requests this gateway had open on its worker over the request's
+life (time-weighted: the load it was actually served at, not the one it found on arrival, which a busy pool
+changes within a second), and the worker's draft acceptance when it speculates.
 
 Contract: `observe` takes any finished request and ignores those without a TPOT (one token, failed, no worker);
 `expected_tpot` answers from the nearest load seen when the exact one has not been (None for a worker never
@@ -48,9 +49,9 @@ class WorkerServing:
         return self.speculated * 2 > self.requests
 
 
-def load_bucket(open_requests: int) -> int:
-    """The bucket of a load: index into LOAD_BOUNDS (the last bucket holds everything above)."""
-    return min(bisect.bisect_left(LOAD_BOUNDS, max(open_requests, 1)), len(LOAD_BOUNDS) - 1)
+def load_bucket(open_requests: float) -> int:
+    """The bucket of a load, rounded to whole requests: index into LOAD_BOUNDS (the last holds all above)."""
+    return min(bisect.bisect_left(LOAD_BOUNDS, max(round(open_requests), 1)), len(LOAD_BOUNDS) - 1)
 
 
 class ServingStats:
@@ -63,10 +64,11 @@ class ServingStats:
 
     def observe(self, record: RequestRecord) -> None:
         tokens_per_second = record.output_tokens_per_second
-        if tokens_per_second is None or record.worker_open_at_start < 1 or record.status != "200":
+        served_at_load = record.worker_mean_open or record.worker_open_at_start
+        if tokens_per_second is None or served_at_load <= 0 or record.status != "200":
             return
         serving = self._workers.setdefault((record.model, record.worker), WorkerServing())
-        bucket = load_bucket(record.worker_open_at_start)
+        bucket = load_bucket(served_at_load)
         serving.tpot.setdefault(bucket, MovingAverage()).add(1.0 / tokens_per_second)
         serving.requests += 1
         if record.spec_acceptance_rate is not None:

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from gateway.observability.metrics import Metrics
 from gateway.observability.record import RequestRecord
 from gateway.schemas import validate_call
-from gateway.workers.pool import Worker
+from gateway.workers.pool import PoolTiming, Worker, WorkerPool
 from gateway.workers.routing import SpecAware, make_policy
 from gateway.workers.serving_stats import ServingStats, load_bucket
 from tests.unit.fakes import DONE, MODEL, STREAM, ScriptedWorker, chat_chunk, gateway_client, mock_client, settings_for
@@ -55,6 +56,30 @@ def test_expected_tpot_comes_from_the_nearest_load_measured_and_ignores_what_has
     assert stats.expected_tpot(MODEL, SPEC, 15) == pytest.approx(0.100)
     assert stats.expected_tpot(MODEL, PLAIN, 1) is None
     assert load_bucket(0) == load_bucket(1) and load_bucket(10_000) == load_bucket(100_000)
+
+
+def test_a_request_is_filed_under_the_load_it_ran_at_not_the_load_it_found() -> None:
+    """A alone for 1 s, with B for 1 s, alone again for 2 s: A ran at 1.25 open requests on average, B at 2."""
+    now = [0.0]
+    pool = WorkerPool([SPEC], mock_client(), Metrics(), lambda: now[0], PoolTiming())
+    worker = Worker(SPEC)
+    first, second = _finished(SPEC, 1, 0.050), _finished(SPEC, 2, 0.050)
+    pool.started(worker, first)
+    now[0] = 1.0
+    pool.started(worker, second)
+    now[0] = 2.0
+    pool.finished(worker, second)
+    now[0] = 4.0
+    pool.finished(worker, first)
+    assert first.worker_mean_open == pytest.approx(1.25) and second.worker_mean_open == pytest.approx(2.0)
+    assert worker.in_flight == 0
+    # Found alone, but served with seven others: filed under eight open requests.
+    busy = _finished(SPEC, 1, 0.200)
+    busy.worker_mean_open = 8.0
+    stats = ServingStats()
+    stats.observe(busy)
+    assert stats.expected_tpot(MODEL, SPEC, 8) == pytest.approx(0.200)
+    assert stats.advice()[MODEL]["workers"][0]["tpot_s_by_open_requests"] == {"7-8": {"tpot_s": 0.2, "requests": 1}}
 
 
 def test_spec_aware_tries_unmeasured_workers_first_then_the_lowest_expected_tpot() -> None:
