@@ -28,6 +28,7 @@ from gateway.observability.metrics import Metrics
 from gateway.services import Services
 from gateway.settings import GatewaySettings
 from gateway.streaming.response import TRANSPORT_SEND
+from gateway.tenants.wiring import KeysInForce, running_tenants
 from gateway.upstream.calls import Upstream
 from gateway.upstream.client import WorkerClient
 from gateway.upstream.http1.client import Http1WorkerClient
@@ -88,6 +89,7 @@ def create_app(
 ) -> FastAPI:
     """The gateway as an ASGI app; `worker_client` replaces the network to workers (tests)."""
     drainer = Drainer(settings.shutdown_grace_s, settings.shutdown_notice_s)
+    keys = KeysInForce(settings)  # a broken keys file stops the start here, naming its line
     timing = PoolTiming(
         health_interval_s=settings.health_interval_s,
         health_timeout_s=settings.health_timeout_s,
@@ -102,13 +104,14 @@ def create_app(
         # The seam to workers: the product's HTTP/1.1 client unless the caller brings one (an in-memory client in
         # tests); the app closes only the client it made.
         workers = worker_client if worker_client is not None else Http1WorkerClient(settings)
+        stack = contextlib.AsyncExitStack()
         try:
             pool = WorkerPool(settings.workers, workers, metrics, clock, timing)
             await pool.start()
             drainer.bind(asyncio.get_running_loop())
-            admission = Admission(
-                settings.max_concurrency, settings.max_queue, settings.queue_timeout_s, settings.retry_after_s, clock
-            )
+            admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,
+                                  settings.retry_after_s, clock, settings.priority_ageing_s)
+            limiter = await stack.enter_async_context(running_tenants(settings, keys, metrics.registry, time.time))
             metrics.queued.set_function(lambda: admission.waiting)
             serving = ServingStats()
             app.state.services = Services(
@@ -124,6 +127,7 @@ def create_app(
                 ),
                 serving=serving,
                 drainer=drainer,
+                limiter=limiter,
             )
             app.state.forwarding = Forwarding(app.state.services)
             health = asyncio.create_task(pool.run(), name="specgate-pool")
@@ -135,6 +139,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await health
         finally:
+            await stack.aclose()
             if worker_client is None:
                 await workers.aclose()
 
@@ -150,8 +155,8 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     # Outermost first: request ids are stamped even on 401s. Without keys there is nothing to check, and a
     # pass-through layer would still be one more frame for every event's wake-up to climb.
-    if settings.api_keys:
-        app.add_middleware(ApiKeyMiddleware, keys=[key.get_secret_value() for key in settings.api_keys])
+    if keys.configured:
+        app.add_middleware(ApiKeyMiddleware, directory=keys.directory)
     app.add_middleware(RequestIdMiddleware)
     return app
 

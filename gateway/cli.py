@@ -1,4 +1,4 @@
-"""The `specgate` command: up, gateway, engine, models, render, loadtest, fake-engine."""
+"""The `specgate` command: up, gateway, engine, models, render, keys, loadtest, fake-engine."""
 
 from __future__ import annotations
 
@@ -22,11 +22,22 @@ def _gateway_args(parser: argparse.ArgumentParser) -> None:
     # (pydantic, prometheus_client) for every command, the engine's too.
     parser.add_argument("--routing", help=f"the default routing policy: {' | '.join(ROUTING_POLICIES)}")
     parser.add_argument("--log-level", dest="log_level")
+    parser.add_argument("--keys-file", type=Path, help="API keys with their models, limits and priority "
+                        "(SPECGATE_KEYS_FILE; see `specgate keys add`)")
+    parser.add_argument("--redis-url", help="Redis for limits and usage shared by gateway replicas "
+                        "(SPECGATE_REDIS_URL; unset: held in this process)")
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=DEFAULT_PROFILE, help="engine profile name or YAML path")
     parser.add_argument("--models-dir", type=Path, help="where demo models live (SPECGATE_MODELS_DIR)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text) if text.isascii() and text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true")
     path = models_commands.add_parser("path", help="print the models directory")
     path.add_argument("--models-dir", type=Path)
+
+    keys = commands.add_parser("keys", help="the tenants' API keys file")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_commands.add_parser("add", help="create a key: its hash goes to the file, the secret is printed once")
+    add.add_argument("name", help="the key's name in metrics and logs ([A-Za-z0-9._-], unique)")
+    add.add_argument("--file", type=Path, help="the keys file (SPECGATE_KEYS_FILE, else configs/keys.yaml)")
+    add.add_argument("--models", nargs="+", metavar="GLOB", help="model name globs it may use (default: all)")
+    for limit, meaning in (("rpm", "requests per minute"), ("tpm", "tokens per minute"),
+                           ("max-concurrent", "requests at once"), ("max-tokens", "cap on a request's max_tokens"),
+                           ("daily-tokens", "tokens per day")):
+        add.add_argument(f"--{limit}", type=_positive_int, metavar="N", help=meaning)
+    add.add_argument("--priority", choices=("high", "normal", "low"))
+    add.add_argument("--admin", action="store_true", help="may call /admin/*")
+    add.add_argument("--allow-client-priority", action="store_true", help="the request's own priority passes")
 
     # These hand their remaining arguments to loadtest/, which parses its own.
     commands.add_parser("loadtest", help="drive an OpenAI endpoint with load (see: specgate loadtest --help)",
@@ -99,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render(args)
         if args.command == "models":
             return _models(args)
+        if args.command == "keys":
+            from gateway.tenants.keys_cli import run_keys
+
+            return run_keys(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI's last word: one readable line, not a traceback
@@ -115,9 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
     from gateway.server import serve
     from gateway.settings import load_settings
+    from gateway.tenants.keys_file import KeysFileError
 
     settings = load_settings(
-        args.config, host=args.host, port=args.port, workers=workers, routing=args.routing, log_level=args.log_level
+        args.config, host=args.host, port=args.port, workers=workers, routing=args.routing, log_level=args.log_level,
+        keys_file=args.keys_file, redis_url=args.redis_url,
     )
     if not settings.workers:
         print("specgate: no workers given (--workers URL[,URL...] or SPECGATE_WORKERS)", file=sys.stderr)
@@ -128,7 +159,11 @@ def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    serve(settings)
+    try:
+        serve(settings)
+    except KeysFileError as exc:
+        print(f"specgate: the keys file cannot be used: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

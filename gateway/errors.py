@@ -5,18 +5,21 @@ as such: the client left, or a guarded wait ran out (its user turns it into one 
     GatewayError (500 internal_error)
     ├── InvalidRequest (400)
     ├── AuthenticationFailed (401)
+    ├── PermissionDenied (403)             a key that may not call /admin/*
     ├── NotFound (404) ── ModelNotFound
     ├── MethodNotAllowed (405)
     ├── RequestTimedOut (408)              the HTTP edge: a request head or body that stalls
     ├── RequestTooLarge (413)
     ├── HeadersTooLarge (431)
     ├── Overloaded (429) ── WorkersBusy    admission full; every worker answered 429 (their Retry-After)
+    │                    └─ RateLimited    a key over its RPM, TPM, concurrency or daily budget (tenants/)
     ├── UpstreamRejected (the worker's 4xx, its envelope passed on)
     ├── UpstreamFailed (502)               upstream/http1/errors.py: the worker client's own, each one of these:
     │   └── WorkerConnectionError             WorkerUnreachable, WorkerConnectTimeout, WorkerHungUp,
     │                                         WorkerBodyCut, WorkerBadResponse, WorkerReadTimeout (also 504)
     ├── UpstreamTimeout (504)
     ├── NoWorkerAvailable (503)
+    ├── UsageUnavailable (503)             GET /admin/usage while the limit store cannot answer
     └── ShuttingDown (503)
     ClientDisconnected                     the client went away: counted (499), never answered
     WaitTooLong, DeadlinePassed            a WaitGuard's limit or the drain's deadline (admission/deadlines.py)
@@ -43,12 +46,14 @@ class GatewayError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
         self.retry_after_s = retry_after_s
+        self.extra_headers = headers
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         return {
@@ -64,9 +69,10 @@ class GatewayError(Exception):
         return orjson.dumps(self.envelope())
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
-        return {"retry-after": str(self.retry_after_s)}
+        headers = dict(self.extra_headers) if self.extra_headers else {}
+        if self.retry_after_s is not None:
+            headers["retry-after"] = str(self.retry_after_s)
+        return headers
 
     def sse_event(self) -> bytes:
         """The one final event a stream carries when it fails after bytes went out."""
@@ -90,6 +96,12 @@ class AuthenticationFailed(GatewayError):
     status = 401
     error_type = "authentication_error"
     default_code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
 
 
 class NotFound(GatewayError):
@@ -128,6 +140,12 @@ class WorkersBusy(Overloaded):
     default_code = "worker_overloaded"
 
 
+class RateLimited(Overloaded):
+    """A key over one of its limits; its Retry-After is the time until this request would fit."""
+
+    default_code = "rate_limit_exceeded"
+
+
 class NoWorkerAvailable(GatewayError):
     status = 503
     error_type = "service_unavailable"
@@ -146,6 +164,12 @@ class UpstreamTimeout(GatewayError):
     status = 504
     error_type = "upstream_timeout"
     default_code = "upstream_timeout"
+
+
+class UsageUnavailable(GatewayError):
+    status = 503
+    error_type = "service_unavailable"
+    default_code = "usage_unavailable"
 
 
 class ShuttingDown(GatewayError):

@@ -11,6 +11,7 @@ from gateway.admission.admission import Admission
 from gateway.admission.shutdown import Drainer
 from gateway.observability.metrics import Metrics
 from gateway.settings import GatewaySettings
+from gateway.tenants.limiter import TenantLimiter
 from gateway.upstream.calls import Upstream
 from gateway.workers.dispatch import Dispatcher
 from gateway.workers.pool import WorkerPool
@@ -28,6 +29,7 @@ class Services:
     dispatcher: Dispatcher
     drainer: Drainer
     serving: ServingStats
+    limiter: TenantLimiter | None = None  # with keys: their limits (tenants/)
 
 
 def services_of(request: Request) -> Services:

@@ -34,6 +34,22 @@ class GatewaySettings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Accepted bearer keys; empty means no authentication"
     )
+    keys_file: Path | None = Field(
+        None, description="YAML keys file: one entry per API key with its models, limits and priority (tenants/)"
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="Redis holding limits and usage shared by gateway replicas; unset: held in this process"
+    )
+    limits_fail_open: bool = Field(
+        True, description="When the limit store cannot answer: admit without limits (true) or refuse limited keys "
+        "with a 429 (false); either way it is logged and counted"
+    )
+    concurrency_lease_s: float = Field(
+        900.0, gt=0, description="How long a replica that died holds its streams' concurrent-request slots"
+    )
+    priority_ageing_s: float = Field(
+        10.0, gt=0, description="Admission queue: each priority class below high waits as if it came this much later"
+    )
     metrics_token: SecretStr | None = Field(
         None, description="Bearer token /metrics requires (Prometheus' scrape `authorization`); unset: open"
     )
@@ -108,7 +124,7 @@ class GatewaySettings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return _split_csv(value)
 
-    @field_validator("metrics_token", mode="before")
+    @field_validator("metrics_token", "redis_url", "keys_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # Compose passes an unset variable as "": that means no token, not an empty one.

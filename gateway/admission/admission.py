@@ -1,4 +1,5 @@
-"""Bounded concurrency with a bounded, timed queue; overflow is a 429 with Retry-After.
+"""Bounded concurrency with a bounded, timed queue ordered by priority class with ageing; overflow is a 429
+with Retry-After.
 
 A slot is only ever taken by `Admission.acquire()`, and what it returns, a `Ticket`, gives it back exactly once
 however the request ends. `stalled()` says whether the gateway can admit at all: every slot taken and none
@@ -8,6 +9,8 @@ given back for a while (the readiness probe reports it).
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections.abc import Callable
 
 from prometheus_client import Gauge
@@ -36,43 +39,65 @@ class Ticket:
 
 
 class Admission:
+    """A fixed number of slots; waiters queue by rank with ageing. A waiter of rank r is ordered as if it had
+    arrived r x `ageing_s` later than it did, so a higher class goes first, yet a lower one that has waited longer
+    than that difference goes before newer arrivals of the higher: every class keeps moving."""
+
     def __init__(self, max_concurrency: int, max_queue: int, queue_timeout_s: float, retry_after_s: int,
-                 clock: Callable[[], float]) -> None:
-        self._semaphore = asyncio.Semaphore(max_concurrency)
+                 clock: Callable[[], float], ageing_s: float = 10.0) -> None:
+        self._free = max_concurrency
+        self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
         self._max_queue = max_queue
         self._queue_timeout_s = queue_timeout_s
         self._retry_after_s = retry_after_s
+        self._ageing_s = ageing_s
         self._clock = clock
         self.max_concurrency = max_concurrency
         self.waiting = 0
         self.held = 0
         self._last_release_at = clock()
 
-    async def acquire(self) -> Ticket:
-        if not self._semaphore.locked():
-            await self._semaphore.acquire()
-            return self._issued()
+    async def acquire(self, rank: int = 1) -> Ticket:
+        """A slot now if one is free and nobody waits, else a place in the queue by `rank` (0 first)."""
+        if self._free > 0 and not self.waiting:
+            self._free -= 1
+            self.held += 1
+            return Ticket(self)
         if self.waiting >= self._max_queue:
             raise Overloaded("gateway queue is full; retry later", retry_after_s=self._retry_after_s)
+        if len(self._waiters) > 2 * self.waiting + 16:
+            # Waiters that left are only skipped when they come up: while no slot frees, drop them here.
+            self._waiters = [entry for entry in self._waiters if not entry[2].done()]
+            heapq.heapify(self._waiters)
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (self._clock() + rank * self._ageing_s, next(self._arrivals), handed))
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._semaphore.acquire(), self._queue_timeout_s)
-        except TimeoutError:
-            raise Overloaded(
-                f"waited {self._queue_timeout_s:g}s for a free slot; retry later", retry_after_s=self._retry_after_s
-            ) from None
+            async with asyncio.timeout(self._queue_timeout_s):
+                await asyncio.shield(handed)
+        except BaseException as exc:
+            if handed.done() and not handed.cancelled():
+                self._give_back()  # handed a slot just as the wait ended: the next waiter gets it
+            else:
+                handed.cancel()  # left in the heap, skipped when it comes up
+            if isinstance(exc, TimeoutError):
+                raise Overloaded(f"waited {self._queue_timeout_s:g}s for a free slot; retry later",
+                                 retry_after_s=self._retry_after_s) from None
+            raise
         finally:
             self.waiting -= 1
-        return self._issued()
-
-    def _issued(self) -> Ticket:
-        self.held += 1
         return Ticket(self)
 
     def _give_back(self) -> None:
-        self.held -= 1
         self._last_release_at = self._clock()
-        self._semaphore.release()
+        while self._waiters:
+            _, _, handed = heapq.heappop(self._waiters)
+            if not handed.done():
+                handed.set_result(None)  # the slot passes straight to the waiter: `held` is unchanged
+                return
+        self.held -= 1
+        self._free += 1
 
     def stalled(self, for_s: float) -> bool:
         """Every slot is taken and none has been given back for `for_s`: a new request could only wait."""

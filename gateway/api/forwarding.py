@@ -1,5 +1,5 @@
 """Forwarding: one request to a worker and back, read top-down in `Forwarding.forward`:
-validate → admit → dispatch → stream (or whole call) → account.
+validate → the key's policy and limits → admit → dispatch → stream (or whole call) → account.
 
 Contract: every request is accounted once (metrics and log line), whatever ends it; an admitted request's slot
 and in-flight count are given back on every path (`AdmittedRequest`, closed in `forward`'s `finally` unless a
@@ -31,12 +31,16 @@ from gateway.errors import (
     ShuttingDown,
     UpstreamTimeout,
 )
+from gateway.middleware.auth import TENANT
 from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord, token_count
 from gateway.observability.speculation import take_speculation
 from gateway.schemas import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.services import Services
 from gateway.streaming.stream import Stream
 from gateway.streaming.usage import UsageFilter
+from gateway.tenants.keys_file import Tenant
+from gateway.tenants.limiter import Grant
+from gateway.tenants.policy import apply_key_policy, queue_rank
 from gateway.upstream.calls import OpenStream
 from gateway.workers.pool import Worker
 
@@ -57,15 +61,24 @@ class Forwarding:
         services = self._services
         record = RequestRecord(request_id=request.state.request_id, model=UNVALIDATED_MODEL, endpoint=kind,
                                stream=False, received_at=services.clock())
+        tenant: Tenant | None = request.scope["state"].get(TENANT)
+        grant: Grant | None = None
         try:
             if services.drainer.draining:
                 raise ShuttingDown(retry_after_s=1)
             call = await self._validated(request, kind)
+            if tenant is not None:
+                record.key = tenant.name
+                apply_key_policy(tenant, call)
+                if services.limiter is not None:
+                    grant = await services.limiter.admit(tenant, call, record)
         except BaseException as exc:
             self._finish_early(record, exc)
-            self._account(record)
+            self._account(record, grant)
             raise
         record.model, record.stream = call.model, call.stream
+        account = functools.partial(self._account, grant=grant)
+        headers = grant.headers if grant is not None else None
         # From here to the end of the response, the client leaving cancels whatever the request waits on.
         watch = ClientWatch(request.receive)
         watch.start()
@@ -73,12 +86,12 @@ class Forwarding:
         handed_over = False
         try:
             with watch.guard():
-                admitted = await self._admitted(call, record)
+                admitted = await self._admitted(call, record, queue_rank(tenant), account)
                 if call.stream:
-                    response = await self._stream(call, record, path, admitted, watch, request)
+                    response = await self._stream(call, record, path, admitted, watch, request, headers)
                     handed_over = True  # the response owns the slot now, and the watch: it closes both
                     return response
-                return await self._complete(call, record, path, admitted)
+                return await self._complete(call, record, path, admitted, headers)
         except BaseException as exc:
             self._finish_early(record, exc)
             raise
@@ -89,7 +102,7 @@ class Forwarding:
                 if admitted is not None:
                     admitted.close(record)
                 else:
-                    self._account(record)
+                    account(record)
                 await watch.stop()
 
     async def _validated(self, request: Request, kind: Kind) -> OpenAICall:
@@ -109,14 +122,15 @@ class Forwarding:
             raise ModelNotFound(f"The model '{call.model}' does not exist", param="model")
         return call
 
-    async def _admitted(self, call: OpenAICall, record: RequestRecord) -> AdmittedRequest:
+    async def _admitted(self, call: OpenAICall, record: RequestRecord, rank: int,
+                        account: Callable[[RequestRecord], None]) -> AdmittedRequest:
         services = self._services
         try:
-            ticket = await services.admission.acquire()
+            ticket = await services.admission.acquire(rank)
         finally:
             # A wait that ended in a 429 or a client gone is a wait too: under overload, the ones that matter.
             record.queue_left_at = services.clock()
-        return AdmittedRequest(ticket, services.metrics.child(services.metrics.in_flight, call.model), self._account)
+        return AdmittedRequest(ticket, services.metrics.child(services.metrics.in_flight, call.model), account)
 
     async def _dispatched(self, call: OpenAICall, record: RequestRecord,
                           send: Callable[[Worker, bytes], Awaitable[T]]) -> tuple[Worker, T]:
@@ -125,7 +139,7 @@ class Forwarding:
         return await self._services.dispatcher.attempt(call, record, lambda worker: send(worker, body))
 
     async def _stream(self, call: OpenAICall, record: RequestRecord, path: str, admitted: AdmittedRequest,
-                      watch: ClientWatch, request: Request) -> Response:
+                      watch: ClientWatch, request: Request, headers: dict[str, str] | None) -> Response:
         services = self._services
 
         def finish(done: RequestRecord) -> None:
@@ -136,7 +150,7 @@ class Forwarding:
         stream = Stream(None, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock,
                         finish)
         response = stream.respond(watch, request.scope, services.settings.sse_ping_interval_s,
-                                  services.settings.sse_send_timeout_s)
+                                  services.settings.sse_send_timeout_s, headers)
 
         async def open_on(worker: Worker, body: bytes) -> OpenStream:
             return await services.upstream.open_stream(worker.url, path, body, record.request_id,
@@ -155,7 +169,7 @@ class Forwarding:
         return response
 
     async def _complete(self, call: OpenAICall, record: RequestRecord, path: str,
-                        admitted: AdmittedRequest) -> Response:
+                        admitted: AdmittedRequest, headers: dict[str, str] | None) -> Response:
         services = self._services
         # One deadline for the whole call, retries included: a worker that dribbles its answer is cut at it, and
         # a retry after a timeout would start a new generation with the client's time already spent. A drain
@@ -190,15 +204,17 @@ class Forwarding:
             pass
         record.finished_at = services.clock()
         admitted.close(record)
-        return Response(content, status_code=200, media_type="application/json")
+        return Response(content, status_code=200, media_type="application/json", headers=headers)
 
     async def _whole_call(self, worker: Worker, body: bytes, *, path: str, request_id: str) -> bytes:
         return await self._services.upstream.complete(worker.url, path, body, request_id)
 
-    def _account(self, record: RequestRecord) -> None:
+    def _account(self, record: RequestRecord, grant: Grant | None = None) -> None:
         # A fault in accounting must not turn an answer into a 5xx nor keep what the request held.
         services = self._services
         try:
+            if grant is not None and services.limiter is not None:
+                services.limiter.finish(grant, record)
             services.metrics.record(record)
             services.serving.observe(record)
             if services.settings.request_log:

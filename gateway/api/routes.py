@@ -3,6 +3,8 @@ others answer from the pool, the admission state and the metrics."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any
@@ -12,11 +14,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from gateway.api.forwarding import Forwarding
-from gateway.errors import AuthenticationFailed
-from gateway.middleware.auth import bearer_token, token_matches
+from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, UsageUnavailable
+from gateway.middleware.auth import TENANT, bearer_token, token_matches
 from gateway.middleware.fast_routes import Endpoint
 from gateway.services import Services, get_services
+from gateway.tenants.store.base import StoreUnavailable
 
+DAY_S = 86_400.0
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -81,9 +85,29 @@ async def metrics(request: Request, services: ServicesDep) -> Response:
 
 
 @router.get("/v1/models")
-async def list_models(services: ServicesDep) -> Response:
+async def list_models(request: Request, services: ServicesDep) -> Response:
     cards = services.pool.models()
-    return _json({"object": "list", "data": [cards[name] for name in sorted(cards)]})
+    tenant = request.scope["state"].get(TENANT)
+    names = sorted(name for name in cards if tenant is None or tenant.allows_model(name))
+    return _json({"object": "list", "data": [cards[name] for name in names]})
+
+
+@router.get("/admin/usage")
+async def admin_usage(services: ServicesDep, start: float | None = None, end: float | None = None) -> Response:
+    """Per key: requests, prompt and output tokens and refusals between `start` and `end` (unix seconds; by
+    default the last 24 hours), from the limit store, so every replica's requests are in it with Redis."""
+    if services.limiter is None:
+        raise NotFound("no keys are configured: there is no per-key usage")
+    until = time.time() if end is None else end
+    since = until - DAY_S if start is None else start
+    if since > until:
+        raise InvalidRequest("start is after end", param="start")
+    try:
+        totals = await services.limiter.usage(since, until)
+    except StoreUnavailable:
+        raise UsageUnavailable("the limit store cannot be read right now") from None
+    return _json({"start": since, "end": until,
+                  "keys": {name: dataclasses.asdict(total) for name, total in sorted(totals.items())}})
 
 
 @router.get("/admin/workers")

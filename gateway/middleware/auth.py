@@ -1,16 +1,24 @@
-"""Bearer API keys on the API and admin routes, compared in constant time."""
+"""Bearer API keys on the API and admin routes: the key is looked up by its SHA-256 (tenants/keys_file.py), the
+tenant it names put in the request's state for the stages after it, and /admin/* kept to admin keys.
+
+A missing, malformed, unknown or revoked key gets the same 401, whatever the key: the reply does not say whether
+a key exists. Health, readiness and metrics stay open (metrics has its own token).
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import AuthenticationFailed
+from gateway.errors import AuthenticationFailed, GatewayError, PermissionDenied
+from gateway.tenants.keys_file import KeyDirectory
 
 # The admin view lists worker addresses and load: not for anyone who can reach the port.
 PROTECTED_PREFIXES = ("/v1/", "/admin/")
+ADMIN_PREFIX = "/admin/"
+TENANT = "tenant"  # the key in the request's state
 
 
 def token_matches(presented: bytes, expected: bytes) -> bool:
@@ -18,33 +26,33 @@ def token_matches(presented: bytes, expected: bytes) -> bool:
 
 
 class ApiKeyMiddleware:
-    """With no keys configured, everything passes; health, readiness and metrics stay open."""
+    """Only installed when keys are configured; `directory` is read per request, so a reload takes effect at once."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, directory: Callable[[], KeyDirectory]) -> None:
         self.app = app
-        self._keys = [key.encode() for key in keys]
+        self._directory = directory
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._keys or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
             await self.app(scope, receive, send)
             return
-        if self._accepts(bearer_token(scope)):
-            await self.app(scope, receive, send)
+        tenant = self._directory().lookup(bearer_token(scope))
+        if tenant is None:
+            await _refuse(send, AuthenticationFailed("Incorrect API key provided"))
             return
-        error = AuthenticationFailed("Incorrect API key provided")
-        await send({
-            "type": "http.response.start",
-            "status": error.http_status,
-            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
-        })
-        await send({"type": "http.response.body", "body": error.body()})
+        if scope["path"].startswith(ADMIN_PREFIX) and not tenant.admin:
+            await _refuse(send, PermissionDenied("this key may not call /admin/ endpoints"))
+            return
+        scope.setdefault("state", {})[TENANT] = tenant
+        await self.app(scope, receive, send)
 
-    def _accepts(self, presented: bytes) -> bool:
-        # Check every key so the time taken does not tell which key came close.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
-        return matched
+
+async def _refuse(send: Send, error: GatewayError) -> None:
+    headers = [(b"content-type", b"application/json")]
+    if error.http_status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": error.body()})
 
 
 def bearer_token(scope: Scope) -> bytes:

@@ -23,6 +23,7 @@ class RequestRecord:
     stream: bool
     received_at: float
     worker: str = "none"
+    key: str = ""  # the API key's name (tenants/), "" without keys
     status: str = "200"
     # When it left the admission queue: admitted, refused (queue full or waited too long) or its client gone.
     queue_left_at: float | None = None
@@ -119,6 +120,7 @@ class RequestRecord:
             "model": self.model,
             "endpoint": self.endpoint,
             "worker": self.worker,
+            "key": self.key or None,
             "status": self.status,
             "stream": self.stream,
             "attempts": self.attempts,

@@ -78,10 +78,12 @@ class Stream:
         """The worker stream this relays, once it is open (a stream made before it is `Stream(None, ...)`)."""
         self._stream = stream
 
-    def respond(self, watch: ClientWatch, scope: Scope, ping_s: float, send_timeout_s: float) -> StreamResponse:
+    def respond(self, watch: ClientWatch, scope: Scope, ping_s: float, send_timeout_s: float,
+                headers: dict[str, str] | None = None) -> StreamResponse:
         """The client's response, made before the worker stream opens so that its first events can open it from
-        the worker's read callback (`first_read_sink`)."""
-        response = StreamResponse(self, watch=watch, ping=ping_s, sep="\n", send_timeout=send_timeout_s)
+        the worker's read callback (`first_read_sink`); `headers` are added to its head."""
+        response = StreamResponse(self, watch=watch, ping=ping_s, sep="\n", send_timeout=send_timeout_s,
+                                  headers=headers)
         self._opener = response.inline_opener(scope)
         return response
 

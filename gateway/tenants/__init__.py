@@ -1,0 +1,1 @@
+"""Tenants: API keys with scopes, limits, priorities and usage."""
