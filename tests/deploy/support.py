@@ -21,8 +21,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 CPU_COMPOSE_FILE = ROOT / "docker-compose.cpu.yml"
 COMPOSE_FILES = {"gpu": COMPOSE_FILE, "cpu": CPU_COMPOSE_FILE}
 STACK_SERVICES = {
-    "gpu": frozenset({"worker-0", "worker-1", "gateway", "prometheus", "grafana"}),
-    "cpu": frozenset({"models", "worker-cpu", "gateway", "prometheus", "grafana"}),
+    "gpu": frozenset({"worker-0", "worker-1", "gateway", "redis", "prometheus", "grafana"}),
+    "cpu": frozenset({"models", "worker-cpu", "gateway", "redis", "prometheus", "grafana"}),
 }
 ENV_EXAMPLE = ROOT / ".env.example"
 PROMETHEUS_DIR = ROOT / "configs" / "prometheus"

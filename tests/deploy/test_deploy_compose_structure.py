@@ -209,11 +209,21 @@ def test_model_caches_are_shared_volumes() -> None:
     for name, worker in stack_workers("gpu").items():
         assert "hf-cache:/cache/huggingface" in worker["volumes"], name
         assert worker["environment"]["HF_HOME"] == "/cache/huggingface"
-    assert set(gpu["volumes"]) == {"hf-cache", "prometheus-data", "grafana-data"}
+    assert set(gpu["volumes"]) == {"hf-cache", "redis-data", "prometheus-data", "grafana-data"}
     cpu = stack_compose("cpu")
     assert "models:/models" in cpu["services"]["models"]["volumes"]
     assert "models:/models:ro" in cpu["services"]["worker-cpu"]["volumes"]
-    assert set(cpu["volumes"]) == {"models", "prometheus-data", "grafana-data"}
+    assert set(cpu["volumes"]) == {"models", "redis-data", "prometheus-data", "grafana-data"}
+
+
+@pytest.mark.parametrize("stack", ["gpu", "cpu"])
+def test_the_gateway_keeps_limits_in_the_stacks_redis_and_reads_mounted_keys(stack: str) -> None:
+    services = stack_services(stack)
+    gateway = services["gateway"]
+    assert gateway["environment"]["SPECGATE_REDIS_URL"] == "redis://redis:6379/0"
+    assert services["redis"]["expose"] == ["6379"] and "redis-data:/data" in services["redis"]["volumes"]
+    assert "./configs/keys:/etc/specgate/keys:ro" in gateway["volumes"]
+    assert (ROOT / "configs/keys/keys.example.yaml").is_file()
 
 
 @pytest.mark.parametrize("stack", ["gpu", "cpu"])

@@ -64,6 +64,17 @@ def test_gateway_discovers_the_worker_pods_through_the_headless_service() -> Non
     assert GatewaySettings(discovery_interval_s=env_of(gateway)["SPECGATE_DISCOVERY_INTERVAL_S"]).discovery_interval_s
 
 
+def test_gateway_replicas_share_limits_through_the_redis_service() -> None:
+    docs = manifests()
+    deployment = find_one(docs, "Deployment", "specgate-gateway")
+    assert deployment["spec"]["replicas"] > 1
+    url = env_of(containers(deployment)[0])["SPECGATE_REDIS_URL"]
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    service = find_one(docs, "Service", host)
+    assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
+    assert selects(service["spec"]["selector"], pod_labels(find_one(docs, "Deployment", host)))
+
+
 def test_pod_disruption_budgets_cover_gateway_and_workers() -> None:
     docs = manifests()
     budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]

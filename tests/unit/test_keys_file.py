@@ -248,3 +248,12 @@ def test_keys_add_refuses_a_broken_file_and_a_bad_name(tmp_path: Path, capsys: p
     assert (code, out) == (2, "") and "line 2" in err and path.read_text() == "keys:\n  - name: a\n"
     code, out, _ = _add(capsys, tmp_path / "other.yaml", "no spaces")
     assert (code, out) == (2, "") and not (tmp_path / "other.yaml").exists()
+
+
+def test_the_example_keys_file_loads_and_its_documented_secrets_open_it() -> None:
+    example = Path(__file__).resolve().parents[2] / "configs" / "keys" / "keys.example.yaml"
+    directory = load_keys_file(example)
+    team = directory.lookup(b"sk-example-team-a")
+    ops = directory.lookup(b"sk-example-ops")
+    assert team is not None and team.rpm == 600 and team.priority == "high" and not team.admin
+    assert ops is not None and ops.admin and ops.rpm == 60, "the defaults apply where a key says nothing"
