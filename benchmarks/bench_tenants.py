@@ -46,15 +46,20 @@ PROMPT_TOKENS = 50
 OUTPUT_TOKENS = 50
 
 
-def keys_file(path: Path, rpm: int, tpm: int) -> Path:
-    path.write_text(json.dumps({"keys": [
-        {"name": "bench", "sha256": hashlib.sha256(SECRET.encode()).hexdigest(), "rpm": rpm, "tpm": tpm},
-        {"name": "admin", "sha256": hashlib.sha256(ADMIN_SECRET.encode()).hexdigest(), "admin": True},
-    ]}))
+def write_keys(path: Path, entries: dict[str, dict[str, Any]]) -> Path:
+    """A keys file (JSON is YAML) of secret -> the entry's fields; the secret's SHA-256 goes in."""
+    keys = [{**fields, "sha256": hashlib.sha256(secret.encode()).hexdigest()} for secret, fields in entries.items()]
+    path.write_text(json.dumps({"keys": keys}))
     return path
 
 
+def keys_file(path: Path, rpm: int, tpm: int) -> Path:
+    return write_keys(path, {SECRET: {"name": "bench", "rpm": rpm, "tpm": tpm},
+                             ADMIN_SECRET: {"name": "admin", "admin": True}})
+
+
 def gateway(engine_url: str, cpu: str | None, log_dir: Path, env: dict[str, str]) -> Any:
+    """A gateway process in front of `engine_url` with `env`: its URL and the context manager that runs it."""
     port = free_port()
     argv = [sys.executable, "-m", "gateway.cli", "gateway", "--workers", engine_url, "--port", str(port),
             "--log-level", "warning"]
@@ -63,10 +68,10 @@ def gateway(engine_url: str, cpu: str | None, log_dir: Path, env: dict[str, str]
                             {"SPECGATE_REQUEST_LOG": "false", **env})
 
 
-def load(url: str, **overrides: Any) -> LoadConfig:
+def load(url: str, secret: str = SECRET, **overrides: Any) -> LoadConfig:
     workload = RandomPrompts(input_len=PROMPT_TOKENS, output_len=OUTPUT_TOKENS, seed=overrides.pop("seed", 0))
     return LoadConfig(base_url=url, workload=workload, ignore_eos=True, num_requests=None, progress=False,
-                      headers=(("authorization", f"Bearer {SECRET}"),), **overrides)
+                      headers=(("authorization", f"Bearer {secret}"),), **overrides)
 
 
 async def drive_replicas(urls: Sequence[str], rate: float, duration_s: float) -> list[RequestResult]:

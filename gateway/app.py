@@ -110,7 +110,8 @@ def create_app(
             await pool.start()
             drainer.bind(asyncio.get_running_loop())
             admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,
-                                  settings.retry_after_s, clock, settings.priority_ageing_s)
+                                  settings.retry_after_s, clock, settings.priority_ageing_s,
+                                  settings.high_priority_reserve)
             limiter = await stack.enter_async_context(running_tenants(settings, keys, metrics.registry, time.time))
             metrics.queued.set_function(lambda: admission.waiting)
             serving = ServingStats()

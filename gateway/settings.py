@@ -47,6 +47,10 @@ class GatewaySettings(BaseSettings):
     concurrency_lease_s: float = Field(
         900.0, gt=0, description="How long a replica that died holds its streams' concurrent-request slots"
     )
+    high_priority_reserve: int = Field(
+        0, ge=0, description="Admission slots only high-priority keys may take: room for them while lower "
+        "classes fill the rest (set max_concurrency to what the workers run at once for it to matter)"
+    )
     priority_ageing_s: float = Field(
         10.0, gt=0, description="Admission queue: each priority class below high waits as if it came this much later"
     )

@@ -102,3 +102,22 @@ async def test_the_queue_bound_refuses_beyond_max_queue() -> None:
     assert refused.value.retry_after_s == 3
     holder.release()
     (await waiting).release()
+
+
+@pytest.mark.anyio
+async def test_reserved_slots_are_left_for_the_high_class() -> None:
+    admission = Admission(3, 10, 5.0, 1, lambda: 0.0, reserved=1)
+    normal = [await admission.acquire(NORMAL), await admission.acquire(NORMAL)]
+    third = asyncio.create_task(admission.acquire(LOW))
+    await asyncio.sleep(0)
+    assert not third.done(), "the last slot is the high class's"
+    high = await asyncio.wait_for(admission.acquire(HIGH), 1.0)
+    high.release()
+    await asyncio.sleep(0)
+    assert not third.done(), "a freed reserved slot stays reserved"
+    normal[0].release()
+    ticket = await asyncio.wait_for(third, 1.0)
+    assert admission.held == 2
+    for held in (ticket, normal[1]):
+        held.release()
+    assert admission.held == 0 and admission.waiting == 0

@@ -151,3 +151,40 @@ async def test_the_old_api_keys_setting_still_works_as_keys_without_limits() -> 
         assert json.loads(worker.seen[-1].content)["priority"] == 3, "old keys passed the client's priority"
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 401
         assert (await client.get("/admin/workers", headers={"authorization": "Bearer k1"})).status_code == 200
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def test_a_malformed_keys_file_stops_the_gateway_naming_the_line(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    broken = tmp_path / "keys.yaml"
+    broken.write_text("keys:\n  - name: team-a\n    sha256: " + _digest("team-a") + "\n    rpm: lots\n")
+    assert main(["gateway", "--workers", "http://127.0.0.1:9", "--keys-file", str(broken)]) == 2
+    assert "keys.yaml line 4" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_an_edited_keys_file_takes_effect_without_a_restart(keys_file: Path) -> None:
+    worker = ScriptedWorker(on_post=whole_answer)
+    async with gateway_client(settings_for(worker.url, keys_file=keys_file), mock_client(worker)) as (client, _):
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=auth("team-b"))).status_code == 404
+        _write(keys_file, keys_yaml({"rpm": 2}).replace('"other-*"', '"demo*"'))
+        for _ in range(500):  # the file is polled about once a second
+            answer = await client.post("/v1/chat/completions", json=CHAT, headers=auth("team-b"))
+            if answer.status_code == 200:
+                break
+            await asyncio.sleep(0.02)
+        assert answer.status_code == 200, "team-b may use demo now"
+        _write(keys_file, "keys: [broken")
+        for _ in range(500):
+            if "specgate_keys_reload_failing 1.0" in (await client.get("/metrics")).text:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the broken file was never noticed")
+        answer = await client.post("/v1/chat/completions", json=CHAT, headers=auth("team-b"))
+        assert answer.status_code == 200, "a broken edit keeps the keys in force"
