@@ -32,7 +32,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.middleware.auth import TENANT
-from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord, token_count
+from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord, server_timing, token_count
 from gateway.observability.speculation import take_speculation
 from gateway.schemas import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.services import Services
@@ -46,6 +46,8 @@ from gateway.workers.pool import Worker
 
 logger = logging.getLogger("specgate.forwarding")
 
+SERVED_MODEL_HEADER = b"x-specgate-model"
+WORKER_HEADER = b"x-specgate-worker"
 UNVALIDATED_MODEL = "unknown"  # rejected requests are counted under one label, not a client-chosen name
 UNEXPECTED_STATUS = "500"
 T = TypeVar("T")
@@ -76,7 +78,7 @@ class Forwarding:
             self._finish_early(record, exc)
             self._account(record, grant)
             raise
-        record.model, record.stream = call.model, call.stream
+        record.model, record.stream, record.served_model = call.model, call.stream, call.model
         account = functools.partial(self._account, grant=grant)
         headers = grant.headers if grant is not None else None
         # From here to the end of the response, the client leaving cancels whatever the request waits on.
@@ -153,6 +155,9 @@ class Forwarding:
                                   services.settings.sse_send_timeout_s, headers)
 
         async def open_on(worker: Worker, body: bytes) -> OpenStream:
+            # Which version and worker serve it, for the client: set before the head can go out.
+            response.set_header(SERVED_MODEL_HEADER, call.model.encode())
+            response.set_header(WORKER_HEADER, worker.url.encode())
             return await services.upstream.open_stream(worker.url, path, body, record.request_id,
                                                        opening=stream.first_read_sink, waiting=worker.load.waiting)
 
@@ -204,7 +209,10 @@ class Forwarding:
             pass
         record.finished_at = services.clock()
         admitted.close(record)
-        return Response(content, status_code=200, media_type="application/json", headers=headers)
+        served = {SERVED_MODEL_HEADER.decode(): call.model, WORKER_HEADER.decode(): worker.url,
+                  "server-timing": server_timing(record)}
+        return Response(content, status_code=200, media_type="application/json",
+                        headers={**served, **(headers or {})})
 
     async def _whole_call(self, worker: Worker, body: bytes, *, path: str, request_id: str) -> bytes:
         return await self._services.upstream.complete(worker.url, path, body, request_id)

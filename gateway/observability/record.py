@@ -3,6 +3,7 @@ into metrics and a log line once it ends (metrics.py)."""
 
 from __future__ import annotations
 
+import time
 from array import array
 from dataclasses import dataclass, field
 
@@ -24,6 +25,11 @@ class RequestRecord:
     received_at: float
     worker: str = "none"
     key: str = ""  # the API key's name (tenants/), "" without keys
+    route: str | None = None  # the public route the client named (model_routes/), None for a served model
+    served_model: str | None = None  # the version that served it
+    shadow_of: str | None = None  # for a shadow copy: the request id of its primary
+    greedy: bool = False
+    output_sha256: str | None = None  # greedy requests with a shadow pair: to compare the two answers
     status: str = "200"
     # When it left the admission queue: admitted, refused (queue full or waited too long) or its client gone.
     queue_left_at: float | None = None
@@ -116,11 +122,14 @@ class RequestRecord:
         # The mean of the per-token gaps (each chunk's gap split over its tokens) is total gap / tokens.
         tbt_mean = sum(gap for gap, _ in counted) / gap_tokens if gap_tokens else None
         return {
+            "time": round(time.time(), 3),
             "request_id": self.request_id,
             "model": self.model,
             "endpoint": self.endpoint,
             "worker": self.worker,
             "key": self.key or None,
+            "route": self.route,
+            "served_model": self.served_model,
             "status": self.status,
             "stream": self.stream,
             "attempts": self.attempts,
@@ -135,7 +144,23 @@ class RequestRecord:
             "disconnected": self.disconnected,
             "spec_acceptance_rate": _round(self.spec_acceptance_rate),
             "spec_mean_acceptance_length": _round(self.spec_mean_acceptance_length),
+            "shadow_of": self.shadow_of,
+            "greedy": self.greedy,
+            "output_sha256": self.output_sha256,
         }
+
+
+def server_timing(record: RequestRecord) -> str:
+    """The gateway's own timing of a whole (non-streaming) answer, as a `server-timing` header: the admission
+    queue, the wait on workers, and the total, in milliseconds."""
+    parts = []
+    if record.queue_seconds is not None:
+        parts.append(f"queue;dur={record.queue_seconds * 1000:.2f}")
+    if record.queue_left_at is not None and record.finished_at is not None:
+        parts.append(f"upstream;dur={(record.finished_at - record.queue_left_at) * 1000:.2f}")
+    if record.e2e_seconds is not None:
+        parts.append(f"total;dur={record.e2e_seconds * 1000:.2f}")
+    return ", ".join(parts)
 
 
 def token_count(value: object) -> int:

@@ -79,6 +79,11 @@ class StreamResponse(EventSourceResponse):
         self._send_guard = WaitGuard(self.send_timeout or None)
         self._pings: asyncio.Task[None] | None = None
 
+    def set_header(self, name: bytes, value: bytes) -> None:
+        """Set a header before the response starts (the start, inline or not, sends this same list)."""
+        self.raw_headers[:] = [(key, old) for key, old in self.raw_headers if key != name]
+        self.raw_headers.append((name, value))
+
     def inline_opener(self, scope: Scope) -> ResponseOpener | None:
         """An opener that starts this response from a worker's read callback (uvicorn_fast_path.py), with its
         start sent through the app's `send` as `__call__` would send it; None off uvicorn's httptools server."""
