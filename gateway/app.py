@@ -24,6 +24,7 @@ from gateway.middleware.auth import ApiKeyMiddleware
 from gateway.middleware.fast_routes import Endpoint, FastRoutes, wrapped_in
 from gateway.middleware.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.middleware.request_id import RequestIdMiddleware
+from gateway.model_routes.stage import RoutesInForce
 from gateway.observability.metrics import Metrics
 from gateway.services import Services
 from gateway.settings import GatewaySettings
@@ -90,6 +91,13 @@ def create_app(
     """The gateway as an ASGI app; `worker_client` replaces the network to workers (tests)."""
     drainer = Drainer(settings.shutdown_grace_s, settings.shutdown_notice_s)
     keys = KeysInForce(settings)  # a broken keys file stops the start here, naming its line
+
+    started_pools: list[WorkerPool] = []  # the lifespan's pool, once it runs: what routes may name
+
+    def known_models() -> frozenset[str]:
+        return started_pools[-1].known_models() if started_pools else frozenset()
+
+    routes = RoutesInForce(settings.routes_file, known_models)  # so does a broken routes file
     timing = PoolTiming(
         health_interval_s=settings.health_interval_s,
         health_timeout_s=settings.health_timeout_s,
@@ -108,6 +116,7 @@ def create_app(
         try:
             pool = WorkerPool(settings.workers, workers, metrics, clock, timing)
             await pool.start()
+            started_pools.append(pool)
             drainer.bind(asyncio.get_running_loop())
             admission = Admission(settings.max_concurrency, settings.max_queue, settings.queue_timeout_s,
                                   settings.retry_after_s, clock, settings.priority_ageing_s,
@@ -128,17 +137,20 @@ def create_app(
                 ),
                 serving=serving,
                 drainer=drainer,
+                routes=routes,
                 limiter=limiter,
             )
             app.state.forwarding = Forwarding(app.state.services)
             health = asyncio.create_task(pool.run(), name="specgate-pool")
+            watch_routes = asyncio.create_task(routes.run(), name="specgate-routes")
             logger.info("gateway ready with %d worker(s), models: %s", len(settings.workers), sorted(pool.models()))
             try:
                 yield
             finally:
-                health.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await health
+                for task in (health, watch_routes):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         finally:
             await stack.aclose()
             if worker_client is None:

@@ -1,4 +1,4 @@
-"""The `specgate` command: up, gateway, engine, models, render, keys, loadtest, fake-engine."""
+"""The `specgate` command: up, gateway, engine, models, render, keys, ab-report, loadtest, fake-engine, bench."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def _gateway_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument("--keys-file", type=Path, help="API keys with their models, limits and priority "
                         "(SPECGATE_KEYS_FILE; see `specgate keys add`)")
+    parser.add_argument("--routes-file", type=Path, help="public model names to versions: canary weights, shadow, "
+                        "fallbacks (SPECGATE_ROUTES_FILE)")
     parser.add_argument("--redis-url", help="Redis for limits and usage shared by gateway replicas "
                         "(SPECGATE_REDIS_URL; unset: held in this process)")
 
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--admin", action="store_true", help="may call /admin/*")
     add.add_argument("--allow-client-priority", action="store_true", help="the request's own priority passes")
 
+    from gateway.reports.ab_report import add_arguments as ab_report_arguments  # stdlib only; scipy loads in run()
+
+    ab_report_arguments(commands.add_parser("ab-report", help="compare a route's versions from request logs"))
+
     # These hand their remaining arguments to loadtest/, which parses its own.
     commands.add_parser("loadtest", help="drive an OpenAI endpoint with load (see: specgate loadtest --help)",
                         add_help=False)
@@ -128,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.tenants.keys_cli import run_keys
 
             return run_keys(args)
+        if args.command == "ab-report":
+            from gateway.reports.ab_report import run as run_ab_report
+
+            return run_ab_report(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI's last word: one readable line, not a traceback
@@ -142,13 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
+    from gateway.model_routes.config import RoutesError
     from gateway.server import serve
     from gateway.settings import load_settings
     from gateway.tenants.keys_file import KeysFileError
 
     settings = load_settings(
         args.config, host=args.host, port=args.port, workers=workers, routing=args.routing, log_level=args.log_level,
-        keys_file=args.keys_file, redis_url=args.redis_url,
+        keys_file=args.keys_file, redis_url=args.redis_url, routes_file=args.routes_file,
     )
     if not settings.workers:
         print("specgate: no workers given (--workers URL[,URL...] or SPECGATE_WORKERS)", file=sys.stderr)
@@ -161,8 +172,8 @@ def _run_gateway(args: argparse.Namespace, workers: str | None) -> int:
     )
     try:
         serve(settings)
-    except KeysFileError as exc:
-        print(f"specgate: the keys file cannot be used: {exc}", file=sys.stderr)
+    except (KeysFileError, RoutesError) as exc:
+        print(f"specgate: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -127,7 +127,8 @@ Kind = Literal["chat", "completion"]
 class OpenAICall:
     """A validated request: the original JSON object (forwarded as sent) and what routing needs."""
 
-    __slots__ = ("body", "kind", "model", "session_key", "stream", "wants_continuous_usage", "wants_usage")
+    __slots__ = ("body", "fallbacks", "kind", "model", "session_key", "stream", "wants_continuous_usage",
+                 "wants_usage")
 
     def __init__(
         self, kind: Kind, body: dict[str, Any], checked: dict[str, Any], session_header: str | None = None
@@ -140,6 +141,12 @@ class OpenAICall:
         options = checked.get("stream_options") or {}
         self.wants_usage = bool(options.get("include_usage"))
         self.wants_continuous_usage = bool(options.get("continuous_usage_stats"))
+        self.fallbacks: tuple[str, ...] = ()  # served models to try, in order, when `model` cannot take it
+
+    def retarget(self, model: str) -> None:
+        """Send it to another served model (a route's version, a fallback): the body the worker gets names it."""
+        self.model = model
+        self.body["model"] = model
 
     def prefix_text(self) -> str:
         """The prompt as one string, in order, for prefix-aware routing (not sent anywhere)."""

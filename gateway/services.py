@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from gateway.admission.admission import Admission
 from gateway.admission.shutdown import Drainer
+from gateway.model_routes.stage import RoutesInForce
 from gateway.observability.metrics import Metrics
 from gateway.settings import GatewaySettings
 from gateway.tenants.limiter import TenantLimiter
@@ -29,6 +30,7 @@ class Services:
     dispatcher: Dispatcher
     drainer: Drainer
     serving: ServingStats
+    routes: RoutesInForce  # public names to versions (model_routes/)
     limiter: TenantLimiter | None = None  # with keys: their limits (tenants/)
 
 

@@ -37,6 +37,9 @@ class GatewaySettings(BaseSettings):
     keys_file: Path | None = Field(
         None, description="YAML keys file: one entry per API key with its models, limits and priority (tenants/)"
     )
+    routes_file: Path | None = Field(
+        None, description="YAML routes: public model names to versions with weights, a shadow and fallbacks"
+    )
     redis_url: SecretStr | None = Field(
         None, description="Redis holding limits and usage shared by gateway replicas; unset: held in this process"
     )
@@ -128,7 +131,7 @@ class GatewaySettings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return _split_csv(value)
 
-    @field_validator("metrics_token", "redis_url", "keys_file", mode="before")
+    @field_validator("metrics_token", "redis_url", "keys_file", "routes_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # Compose passes an unset variable as "": that means no token, not an empty one.

@@ -27,11 +27,15 @@ from gateway.errors import (
     DeadlinePassed,
     GatewayError,
     ModelNotFound,
+    NoWorkerAvailable,
+    PermissionDenied,
     RequestTooLarge,
     ShuttingDown,
+    UpstreamFailed,
     UpstreamTimeout,
+    WorkersBusy,
 )
-from gateway.middleware.auth import TENANT
+from gateway.middleware.auth import TENANT, may_pin
 from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord, server_timing, token_count
 from gateway.observability.speculation import take_speculation
 from gateway.schemas import Kind, OpenAICall, parse_json_body, validate_call
@@ -48,6 +52,9 @@ logger = logging.getLogger("specgate.forwarding")
 
 SERVED_MODEL_HEADER = b"x-specgate-model"
 WORKER_HEADER = b"x-specgate-worker"
+PIN_HEADER = "x-specgate-route-to"
+# Before the first byte, nothing of the model could take it: the next model of the route's fallbacks may.
+FALL_BACK_ON = (NoWorkerAvailable, UpstreamFailed, WorkersBusy)
 UNVALIDATED_MODEL = "unknown"  # rejected requests are counted under one label, not a client-chosen name
 UNEXPECTED_STATUS = "500"
 T = TypeVar("T")
@@ -74,11 +81,12 @@ class Forwarding:
                 apply_key_policy(tenant, call)
                 if services.limiter is not None:
                     grant = await services.limiter.admit(tenant, call, record)
+            record.model, record.stream = call.model, call.stream
+            self._route(request, call, record, tenant)
         except BaseException as exc:
             self._finish_early(record, exc)
             self._account(record, grant)
             raise
-        record.model, record.stream, record.served_model = call.model, call.stream, call.model
         account = functools.partial(self._account, grant=grant)
         headers = grant.headers if grant is not None else None
         # From here to the end of the response, the client leaving cancels whatever the request waits on.
@@ -120,9 +128,21 @@ class Forwarding:
                 raise RequestTooLarge(f"request body is larger than {limit} bytes")
         body = parse_json_body(raw, settings.max_json_depth)
         call = validate_call(kind, body, request.headers.get(settings.session_header))
-        if not self._services.pool.knows_model(call.model):
+        if not (self._services.pool.knows_model(call.model) or self._services.routes.table.route(call.model)):
             raise ModelNotFound(f"The model '{call.model}' does not exist", param="model")
         return call
+
+    def _route(self, request: Request, call: OpenAICall, record: RequestRecord, tenant: Tenant | None) -> None:
+        """A public route's name becomes the version that serves it (an admin may pin one with a header)."""
+        pinned = request.headers.get(PIN_HEADER)
+        if pinned is not None and not may_pin(tenant, self._services.limiter is None, request.client):
+            raise PermissionDenied(f"only an admin key may send {PIN_HEADER}")
+        resolution = self._services.routes.resolve(call.model, call.session_key, pinned)
+        if resolution is not None:
+            record.route = call.model
+            call.retarget(resolution.model)
+            call.fallbacks = resolution.fallbacks
+        record.served_model = call.model
 
     async def _admitted(self, call: OpenAICall, record: RequestRecord, rank: int,
                         account: Callable[[RequestRecord], None]) -> AdmittedRequest:
@@ -136,9 +156,24 @@ class Forwarding:
 
     async def _dispatched(self, call: OpenAICall, record: RequestRecord,
                           send: Callable[[Worker, bytes], Awaitable[T]]) -> tuple[Worker, T]:
-        """Route and send the worker's body, with retries on other workers before the first byte."""
-        body = call.upstream_body()
-        return await self._services.dispatcher.attempt(call, record, lambda worker: send(worker, body))
+        """Route and send the worker's body, with retries on other workers before the first byte; when no worker of
+        the model takes it, the route's fallbacks in order."""
+        def with_body(body: bytes) -> Callable[[Worker], Awaitable[T]]:
+            return lambda worker: send(worker, body)
+
+        models = (call.model, *call.fallbacks)
+        for index, model in enumerate(models):
+            if index:
+                logger.info("request %s: %s could not take it, falling back to %s", record.request_id, call.model,
+                            model)
+                call.retarget(model)
+                record.served_model = model
+            try:
+                return await self._services.dispatcher.attempt(call, record, with_body(call.upstream_body()))
+            except FALL_BACK_ON:
+                if index == len(models) - 1:
+                    raise
+        raise AssertionError("unreachable: the last model's failure is raised")
 
     async def _stream(self, call: OpenAICall, record: RequestRecord, path: str, admitted: AdmittedRequest,
                       watch: ClientWatch, request: Request, headers: dict[str, str] | None) -> Response:

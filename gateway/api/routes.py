@@ -14,9 +14,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from gateway.api.forwarding import Forwarding
-from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, UsageUnavailable
-from gateway.middleware.auth import TENANT, bearer_token, token_matches
+from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied, UsageUnavailable
+from gateway.middleware.auth import TENANT, bearer_token, may_pin, token_matches
 from gateway.middleware.fast_routes import Endpoint
+from gateway.model_routes.config import RoutesError
 from gateway.services import Services, get_services
 from gateway.tenants.store.base import StoreUnavailable
 
@@ -88,8 +89,36 @@ async def metrics(request: Request, services: ServicesDep) -> Response:
 async def list_models(request: Request, services: ServicesDep) -> Response:
     cards = services.pool.models()
     tenant = request.scope["state"].get(TENANT)
-    names = sorted(name for name in cards if tenant is None or tenant.allows_model(name))
-    return _json({"object": "list", "data": [cards[name] for name in names]})
+    names = [name for name in services.routes.public_names(cards) if tenant is None or tenant.allows_model(name)]
+    return _json({"object": "list", "data": [cards.get(name) or _route_card(name) for name in names]})
+
+
+def _route_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "specgate"}
+
+
+@router.get("/admin/routes")
+async def admin_routes(services: ServicesDep) -> Response:
+    return _json(services.routes.table.to_json())
+
+
+@router.put("/admin/routes/{name}")
+async def put_route(name: str, request: Request, services: ServicesDep) -> Response:
+    """Add or replace a route (canary weights, shadow, fallbacks); new requests follow it at once, open streams
+    are untouched. Rollback: put the canary's weight back to 0."""
+    tenant = request.scope["state"].get(TENANT)
+    if not may_pin(tenant, services.limiter is None, request.client):
+        raise PermissionDenied("routes may be changed by an admin key, or from this machine when no keys are set")
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the route is not valid JSON: {exc}") from None
+    who = tenant.name if tenant is not None else f"{request.client.host if request.client else '?'} (no keys)"
+    try:
+        route = services.routes.put(name, data, who)
+    except RoutesError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return _json({name: route.to_json()})
 
 
 @router.get("/admin/usage")

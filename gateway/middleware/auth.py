@@ -10,15 +10,17 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 
+from starlette.datastructures import Address
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import AuthenticationFailed, GatewayError, PermissionDenied
-from gateway.tenants.keys_file import KeyDirectory
+from gateway.tenants.keys_file import KeyDirectory, Tenant
 
 # The admin view lists worker addresses and load: not for anyone who can reach the port.
 PROTECTED_PREFIXES = ("/v1/", "/admin/")
 ADMIN_PREFIX = "/admin/"
 TENANT = "tenant"  # the key in the request's state
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def token_matches(presented: bytes, expected: bytes) -> bool:
@@ -53,6 +55,14 @@ async def _refuse(send: Send, error: GatewayError) -> None:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": error.body()})
+
+
+def may_pin(tenant: Tenant | None, no_keys: bool, client: Address | None) -> bool:
+    """Who may steer a request past the routes (a pinned version) or change them: an admin key, or with no keys
+    configured, a client on this machine."""
+    if tenant is not None:
+        return tenant.admin
+    return no_keys and client is not None and client.host in LOOPBACK
 
 
 def bearer_token(scope: Scope) -> bytes:

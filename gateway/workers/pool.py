@@ -194,6 +194,10 @@ class WorkerPool:
     def knows_model(self, model: str) -> bool:
         return any(model in worker.model_cards for worker in self.workers)
 
+    def known_models(self) -> frozenset[str]:
+        """Every model some worker has listed, healthy or not (routes may name a version that is restarting)."""
+        return frozenset(model for worker in self.workers for model in worker.model_cards)
+
     def candidates(self, model: str, exclude: Sequence[Worker] = ()) -> list[Worker]:
         now = self._clock()
         serving = [w for w in self.workers if model in w.model_cards and w.healthy and w not in exclude]
