@@ -4,8 +4,9 @@ life (time-weighted: the load it was actually served at, not the one it found on
 changes within a second), and the worker's draft acceptance when it speculates.
 
 Contract: `observe` takes any finished request and ignores those without a TPOT (one token, failed, no worker);
-`expected_tpot` answers from the nearest load seen when the exact one has not been (None for a worker never
-seen); everything is bounded (a few numbers per worker and load bucket) and forgets old behaviour at the rate
+`expected_tpot` answers from the worker's TPOT curve over load (`tpot_curve`: never falling as load rises,
+interpolated between the loads measured, and growing in proportion to load beyond the highest; None for a worker
+never seen); everything is bounded (a few numbers per worker and load bucket) and forgets old behaviour at the rate
 of its moving averages. `advice` compares speculating and non-speculating workers of a model at the loads its
 traffic actually ran at.
 """
@@ -13,6 +14,7 @@ traffic actually ran at.
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,12 +79,12 @@ class ServingStats:
         traffic = self._traffic.setdefault(record.model, {})
         traffic[bucket] = traffic.get(bucket, 0) + 1
 
-    def expected_tpot(self, model: str, worker_url: str, open_requests: int) -> float | None:
+    def expected_tpot(self, model: str, worker_url: str, open_requests: float) -> float | None:
         """The TPOT a request starting now would get on this worker, with `open_requests` open there with it."""
         serving = self._workers.get((model, worker_url))
         if serving is None or not serving.tpot:
             return None
-        return _nearest(serving.tpot, load_bucket(open_requests))
+        return tpot_curve(serving.tpot, open_requests)
 
     def forget(self, worker_url: str) -> None:
         for key in [key for key in self._workers if key[1] == worker_url]:
@@ -125,16 +127,44 @@ class ServingStats:
         }
 
 
-def _nearest(averages: dict[int, MovingAverage], bucket: int) -> float:
-    nearest = min(averages, key=lambda known: (abs(known - bucket), known))
-    return averages[nearest].value
+def bucket_load(bucket: int) -> float:
+    """The load a bucket stands for: the middle of its range."""
+    lower = LOAD_BOUNDS[bucket - 1] + 1 if bucket else 1
+    return (lower + LOAD_BOUNDS[bucket]) / 2
+
+
+def tpot_curve(averages: dict[int, MovingAverage], load: float) -> float:
+    """Expected TPOT at `load` from the averages per load bucket.
+
+    A worker does not get faster as its batch grows, so the measured points are first made non-decreasing (pool
+    adjacent violators, weighted by samples): a noisy bucket must not attract load. Between points the curve is
+    linear; above the highest measured load it grows in proportion to load, never flat: taking the nearest point
+    there would call a worker as fast at 30 open requests as at the 8 it was seen at, and pile requests on it
+    until they prove otherwise."""
+    blocks: list[list[float]] = []  # [load, value, weight] merged left to right
+    for bucket in sorted(averages):
+        average = averages[bucket]
+        blocks.append([bucket_load(bucket), average.value, float(min(average.count, 20))])
+        while len(blocks) > 1 and blocks[-2][1] > blocks[-1][1]:
+            right = blocks.pop()
+            left = blocks[-1]
+            weight = left[2] + right[2]
+            left[1] = (left[1] * left[2] + right[1] * right[2]) / weight
+            left[0], left[2] = (left[0] * left[2] + right[0] * right[2]) / weight, weight
+    if load <= blocks[0][0]:
+        return blocks[0][1]
+    for (low_load, low_value, _), (high_load, high_value, _) in itertools.pairwise(blocks):
+        if load <= high_load:
+            return low_value + (high_value - low_value) * (load - low_load) / (high_load - low_load)
+    last_load, last_value, _ = blocks[-1]
+    return last_value * load / last_load
 
 
 def _weighted_tpot(members: list[WorkerServing], traffic: dict[int, int]) -> float:
     total = sum(traffic.values())
     expected = 0.0
     for bucket, requests in traffic.items():
-        at_load = [_nearest(member.tpot, bucket) for member in members if member.tpot]
+        at_load = [tpot_curve(member.tpot, bucket_load(bucket)) for member in members if member.tpot]
         expected += requests / total * (sum(at_load) / len(at_load))
     return expected
 

@@ -41,20 +41,25 @@ def _plain_tpot(open_requests: int) -> float:
     return 0.020 + 0.001 * open_requests
 
 
-def test_expected_tpot_comes_from_the_nearest_load_measured_and_ignores_what_has_none() -> None:
+def test_the_tpot_curve_interpolates_never_falls_and_grows_beyond_what_was_measured() -> None:
     stats = ServingStats()
     stats.observe(_finished(SPEC, 1, 0.010))
-    stats.observe(_finished(SPEC, 16, 0.100))
+    stats.observe(_finished(SPEC, 16, 0.100))  # bucket 13-16: stands for load 14.5
     failed = _finished(SPEC, 1, 5.0)
     failed.status = "502"
     stats.observe(failed)
     one_token = _finished(SPEC, 1, 5.0)
     one_token.output_tokens = 1
     stats.observe(one_token)
-    assert stats.expected_tpot(MODEL, SPEC, 1) == pytest.approx(0.010)
-    assert stats.expected_tpot(MODEL, SPEC, 2) == pytest.approx(0.010)  # nearest measured load
-    assert stats.expected_tpot(MODEL, SPEC, 15) == pytest.approx(0.100)
+    assert stats.expected_tpot(MODEL, SPEC, 1) == pytest.approx(0.010), "failed and one-token requests ignored"
+    assert stats.expected_tpot(MODEL, SPEC, 7.75) == pytest.approx(0.055)  # half way
+    assert stats.expected_tpot(MODEL, SPEC, 29) == pytest.approx(0.200), "twice the load, twice the TPOT"
     assert stats.expected_tpot(MODEL, PLAIN, 1) is None
+    for _ in range(5):
+        stats.observe(_finished(SPEC, 4, 0.005))  # a noisy bucket faster than load 1: pooled with it
+    at_one, at_four = stats.expected_tpot(MODEL, SPEC, 1), stats.expected_tpot(MODEL, SPEC, 4)
+    assert at_one is not None and at_four is not None
+    assert at_one < 0.010 and at_one <= at_four, "pooled: never faster at a higher load"
     assert load_bucket(0) == load_bucket(1) and load_bucket(10_000) == load_bucket(100_000)
 
 
@@ -78,7 +83,7 @@ def test_a_request_is_filed_under_the_load_it_ran_at_not_the_load_it_found() -> 
     busy.worker_mean_open = 8.0
     stats = ServingStats()
     stats.observe(busy)
-    assert stats.expected_tpot(MODEL, SPEC, 8) == pytest.approx(0.200)
+    assert stats.expected_tpot(MODEL, SPEC, 7.5) == pytest.approx(0.200)
     assert stats.advice()[MODEL]["workers"][0]["tpot_s_by_open_requests"] == {"7-8": {"tpot_s": 0.2, "requests": 1}}
 
 
