@@ -24,6 +24,7 @@ from gateway.middleware.auth import ApiKeyMiddleware
 from gateway.middleware.fast_routes import Endpoint, FastRoutes, wrapped_in
 from gateway.middleware.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.middleware.request_id import RequestIdMiddleware
+from gateway.model_routes.shadow import Shadows
 from gateway.model_routes.stage import RoutesInForce
 from gateway.observability.metrics import Metrics
 from gateway.services import Services
@@ -124,20 +125,16 @@ def create_app(
             limiter = await stack.enter_async_context(running_tenants(settings, keys, metrics.registry, time.time))
             metrics.queued.set_function(lambda: admission.waiting)
             serving = ServingStats()
+            upstream = Upstream(workers, settings, clock)
+            dispatcher = Dispatcher(pool, settings.routing, settings.routing_per_model, metrics, settings.max_attempts,
+                                    settings.retry_backoff_s, settings.retry_after_s, serving)
+            shadows = Shadows(dispatcher, upstream, pool, metrics.registry, clock,
+                              metrics.log if settings.request_log else lambda record: None,
+                              settings.shadow_max_in_flight)
+            stack.push_async_callback(shadows.aclose)
             app.state.services = Services(
-                settings=settings,
-                clock=clock,
-                metrics=metrics,
-                pool=pool,
-                upstream=Upstream(workers, settings, clock),
-                admission=admission,
-                dispatcher=Dispatcher(
-                    pool, settings.routing, settings.routing_per_model, metrics,
-                    settings.max_attempts, settings.retry_backoff_s, settings.retry_after_s, serving,
-                ),
-                serving=serving,
-                drainer=drainer,
-                routes=routes,
+                settings=settings, clock=clock, metrics=metrics, pool=pool, upstream=upstream, admission=admission,
+                dispatcher=dispatcher, serving=serving, drainer=drainer, routes=routes, shadows=shadows,
                 limiter=limiter,
             )
             app.state.forwarding = Forwarding(app.state.services)

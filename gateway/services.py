@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from gateway.admission.admission import Admission
 from gateway.admission.shutdown import Drainer
+from gateway.model_routes.shadow import Shadows
 from gateway.model_routes.stage import RoutesInForce
 from gateway.observability.metrics import Metrics
 from gateway.settings import GatewaySettings
@@ -31,6 +32,7 @@ class Services:
     drainer: Drainer
     serving: ServingStats
     routes: RoutesInForce  # public names to versions (model_routes/)
+    shadows: Shadows  # copies of sampled routed requests to a route's shadow version
     limiter: TenantLimiter | None = None  # with keys: their limits (tenants/)
 
 

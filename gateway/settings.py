@@ -40,6 +40,9 @@ class GatewaySettings(BaseSettings):
     routes_file: Path | None = Field(
         None, description="YAML routes: public model names to versions with weights, a shadow and fallbacks"
     )
+    shadow_max_in_flight: int = Field(
+        16, ge=0, description="Shadow copies running at once; beyond, a sampled request gets none (counted)"
+    )
     redis_url: SecretStr | None = Field(
         None, description="Redis holding limits and usage shared by gateway replicas; unset: held in this process"
     )

@@ -40,6 +40,7 @@ from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord, ser
 from gateway.observability.speculation import take_speculation
 from gateway.schemas import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.services import Services
+from gateway.streaming.answer_text import sse_text, text_digest, whole_answer_text
 from gateway.streaming.stream import Stream
 from gateway.streaming.usage import UsageFilter
 from gateway.tenants.keys_file import Tenant
@@ -82,7 +83,7 @@ class Forwarding:
                 if services.limiter is not None:
                     grant = await services.limiter.admit(tenant, call, record)
             record.model, record.stream = call.model, call.stream
-            self._route(request, call, record, tenant)
+            shadow = self._route(request, call, record, tenant)
         except BaseException as exc:
             self._finish_early(record, exc)
             self._account(record, grant)
@@ -97,11 +98,16 @@ class Forwarding:
         try:
             with watch.guard():
                 admitted = await self._admitted(call, record, queue_rank(tenant), account)
+                # A shadowed greedy answer is kept to compare with the shadow's (by hash, in the log).
+                capture: list[bytes] | None = None
+                if shadow is not None:
+                    services.shadows.mirror(call, record, shadow, path)
+                    capture = [] if record.greedy else None
                 if call.stream:
-                    response = await self._stream(call, record, path, admitted, watch, request, headers)
+                    response = await self._stream(call, record, path, admitted, watch, request, headers, capture)
                     handed_over = True  # the response owns the slot now, and the watch: it closes both
                     return response
-                return await self._complete(call, record, path, admitted, headers)
+                return await self._complete(call, record, path, admitted, headers, capture)
         except BaseException as exc:
             self._finish_early(record, exc)
             raise
@@ -132,17 +138,13 @@ class Forwarding:
             raise ModelNotFound(f"The model '{call.model}' does not exist", param="model")
         return call
 
-    def _route(self, request: Request, call: OpenAICall, record: RequestRecord, tenant: Tenant | None) -> None:
-        """A public route's name becomes the version that serves it (an admin may pin one with a header)."""
+    def _route(self, request: Request, call: OpenAICall, record: RequestRecord, tenant: Tenant | None) -> str | None:
+        """A public route's name becomes the version that serves it (an admin may pin one with a header); the
+        shadow version when this request is sampled for one."""
         pinned = request.headers.get(PIN_HEADER)
         if pinned is not None and not may_pin(tenant, self._services.limiter is None, request.client):
             raise PermissionDenied(f"only an admin key may send {PIN_HEADER}")
-        resolution = self._services.routes.resolve(call.model, call.session_key, pinned)
-        if resolution is not None:
-            record.route = call.model
-            call.retarget(resolution.model)
-            call.fallbacks = resolution.fallbacks
-        record.served_model = call.model
+        return self._services.routes.route_call(call, record, pinned)
 
     async def _admitted(self, call: OpenAICall, record: RequestRecord, rank: int,
                         account: Callable[[RequestRecord], None]) -> AdmittedRequest:
@@ -176,16 +178,19 @@ class Forwarding:
         raise AssertionError("unreachable: the last model's failure is raised")
 
     async def _stream(self, call: OpenAICall, record: RequestRecord, path: str, admitted: AdmittedRequest,
-                      watch: ClientWatch, request: Request, headers: dict[str, str] | None) -> Response:
+                      watch: ClientWatch, request: Request, headers: dict[str, str] | None,
+                      capture: list[bytes] | None) -> Response:
         services = self._services
 
         def finish(done: RequestRecord) -> None:
             services.drainer.untrack(opened)
             services.pool.finished(worker, done)
+            if capture is not None:
+                done.output_sha256 = text_digest(sse_text(b"".join(capture)))
             admitted.close(done)
 
         stream = Stream(None, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock,
-                        finish)
+                        finish, capture)
         response = stream.respond(watch, request.scope, services.settings.sse_ping_interval_s,
                                   services.settings.sse_send_timeout_s, headers)
 
@@ -209,7 +214,8 @@ class Forwarding:
         return response
 
     async def _complete(self, call: OpenAICall, record: RequestRecord, path: str,
-                        admitted: AdmittedRequest, headers: dict[str, str] | None) -> Response:
+                        admitted: AdmittedRequest, headers: dict[str, str] | None,
+                        capture: list[bytes] | None) -> Response:
         services = self._services
         # One deadline for the whole call, retries included: a worker that dribbles its answer is cut at it, and
         # a retry after a timeout would start a new generation with the client's time already spent. A drain
@@ -240,6 +246,8 @@ class Forwarding:
             record.prompt_tokens = token_count(usage.get("prompt_tokens"))
             record.output_tokens = token_count(usage.get("completion_tokens"))
             take_speculation(answer.get("metrics"), record)
+            if capture is not None:
+                record.output_sha256 = text_digest(whole_answer_text(answer))
         except (orjson.JSONDecodeError, AttributeError):
             pass
         record.finished_at = services.clock()

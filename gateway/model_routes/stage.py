@@ -22,6 +22,8 @@ from gateway.model_routes.changes import describe_change
 from gateway.model_routes.choose import choose_target, shadow_sampled
 from gateway.model_routes.config import RoutesError, load_routes_file, route_from_json
 from gateway.model_routes.table import Route, RouteTable
+from gateway.observability.record import RequestRecord
+from gateway.schemas import OpenAICall
 
 logger = logging.getLogger("specgate.routes")
 
@@ -85,6 +87,18 @@ class RoutesInForce:
         fallbacks = tuple(m for m in self._table.fallback_chain(name) if m != model)
         shadow = route.shadow.model if route.shadow is not None and shadow_sampled(route, self._rng) else None
         return Resolution(route, model, fallbacks, shadow)
+
+    def route_call(self, call: OpenAICall, record: RequestRecord, pinned: str | None) -> str | None:
+        """Send a call naming a route to the version chosen, with that route's fallbacks; the shadow version when
+        this request is sampled for one. A call naming a served model is left as it is."""
+        resolution = self.resolve(call.model, call.session_key, pinned)
+        if resolution is not None:
+            record.route = call.model
+            record.greedy = call.body.get("temperature") == 0
+            call.retarget(resolution.model)
+            call.fallbacks = resolution.fallbacks
+        record.served_model = call.model
+        return resolution.shadow if resolution is not None else None
 
     def public_names(self, served: Collection[str]) -> list[str]:
         """What GET /v1/models lists: every route, and every served model no route stands for."""

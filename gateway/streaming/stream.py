@@ -49,15 +49,18 @@ class Stream:
     opens from the read callback").
     """
 
-    __slots__ = ("_clean_end", "_clock", "_ended", "_on_finish", "_opened", "_opened_inline", "_opener", "_record",
-                 "_settled", "_stream", "_usage", "_writer", "final")
+    __slots__ = ("_capture", "_clean_end", "_clock", "_ended", "_on_finish", "_opened", "_opened_inline", "_opener",
+                 "_record", "_settled", "_stream", "_usage", "_writer", "final")
 
     _stream: OpenStream
 
     def __init__(self, stream: OpenStream | None, record: RequestRecord, usage: UsageFilter,
-                 clock: Callable[[], float], on_finish: Callable[[RequestRecord], None]) -> None:
+                 clock: Callable[[], float], on_finish: Callable[[RequestRecord], None],
+                 capture: list[bytes] | None = None) -> None:
         if stream is not None:
             self._stream = stream
+        # Given a list, every byte the client gets is kept in it too (a shadowed greedy answer, to compare).
+        self._capture = capture
         self._record = record
         self._usage = usage
         self._clock = clock
@@ -222,6 +225,8 @@ class Stream:
                 break
             if event.is_done:
                 saw_done = True
+        if self._capture is not None and out:
+            self._capture.append(out)
         return out, content_tokens, failed, saw_done
 
     def _inline(self, data: bytes) -> bool:
