@@ -24,6 +24,7 @@ from gateway.middleware.auth import ApiKeyMiddleware
 from gateway.middleware.fast_routes import Endpoint, FastRoutes, wrapped_in
 from gateway.middleware.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.middleware.request_id import RequestIdMiddleware
+from gateway.model_routes.overrides import RedisOverrides
 from gateway.model_routes.shadow import Shadows
 from gateway.model_routes.stage import RoutesInForce
 from gateway.observability.metrics import Metrics
@@ -98,7 +99,8 @@ def create_app(
     def known_models() -> frozenset[str]:
         return started_pools[-1].known_models() if started_pools else frozenset()
 
-    routes = RoutesInForce(settings.routes_file, known_models)  # so does a broken routes file
+    shared = RedisOverrides(settings.redis_url.get_secret_value()) if settings.redis_url is not None else None
+    routes = RoutesInForce(settings.routes_file, known_models, shared)  # so does a broken routes file
     timing = PoolTiming(
         health_interval_s=settings.health_interval_s,
         health_timeout_s=settings.health_timeout_s,

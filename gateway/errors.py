@@ -20,6 +20,7 @@ as such: the client left, or a guarded wait ran out (its user turns it into one 
     ├── UpstreamTimeout (504)
     ├── NoWorkerAvailable (503)
     ├── UsageUnavailable (503)             GET /admin/usage while the limit store cannot answer
+    ├── RoutesUnavailable (503)            a route change the shared routes store cannot record
     └── ShuttingDown (503)
     ClientDisconnected                     the client went away: counted (499), never answered
     WaitTooLong, DeadlinePassed            a WaitGuard's limit or the drain's deadline (admission/deadlines.py)
@@ -170,6 +171,12 @@ class UsageUnavailable(GatewayError):
     status = 503
     error_type = "service_unavailable"
     default_code = "usage_unavailable"
+
+
+class RoutesUnavailable(GatewayError):
+    status = 503
+    error_type = "service_unavailable"
+    default_code = "routes_unavailable"
 
 
 class ShuttingDown(GatewayError):

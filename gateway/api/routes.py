@@ -14,7 +14,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from gateway.api.forwarding import Forwarding
-from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied, UsageUnavailable
+from gateway.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RoutesUnavailable,
+    UsageUnavailable,
+)
 from gateway.middleware.auth import TENANT, bearer_token, may_pin, token_matches
 from gateway.middleware.fast_routes import Endpoint
 from gateway.model_routes.config import RoutesError
@@ -99,25 +106,46 @@ def _route_card(name: str) -> dict[str, Any]:
 
 @router.get("/admin/routes")
 async def admin_routes(services: ServicesDep) -> Response:
+    """The routes in force, and which of them the admin API changed (they win over the routes file's)."""
+    return _json({**services.routes.table.to_json(), "changed_through_admin_api": services.routes.overridden})
+
+
+@router.delete("/admin/routes/{name}")
+async def undo_route_change(name: str, request: Request, services: ServicesDep) -> Response:
+    """Undo the admin API's change of a route: the routes file's version of it (or none) is in force again."""
+    who = _route_editor(request, services)
+    try:
+        undone = await services.routes.delete(name, who)
+    except StoreUnavailable:
+        raise RoutesUnavailable("the routes store cannot record the change right now; nothing changed") from None
+    if not undone:
+        raise NotFound(f"route '{name}' has no change made through the admin API")
     return _json(services.routes.table.to_json())
+
+
+def _route_editor(request: Request, services: Services) -> str:
+    """Who is changing routes, for the log; refused unless an admin key, or this machine when no keys are set."""
+    tenant = request.scope["state"].get(TENANT)
+    if not may_pin(tenant, services.limiter is None, request.client):
+        raise PermissionDenied("routes may be changed by an admin key, or from this machine when no keys are set")
+    return tenant.name if tenant is not None else f"{request.client.host if request.client else '?'} (no keys)"
 
 
 @router.put("/admin/routes/{name}")
 async def put_route(name: str, request: Request, services: ServicesDep) -> Response:
     """Add or replace a route (canary weights, shadow, fallbacks); new requests follow it at once, open streams
     are untouched. Rollback: put the canary's weight back to 0."""
-    tenant = request.scope["state"].get(TENANT)
-    if not may_pin(tenant, services.limiter is None, request.client):
-        raise PermissionDenied("routes may be changed by an admin key, or from this machine when no keys are set")
+    who = _route_editor(request, services)
     try:
         data = orjson.loads(await request.body())
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"the route is not valid JSON: {exc}") from None
-    who = tenant.name if tenant is not None else f"{request.client.host if request.client else '?'} (no keys)"
     try:
-        route = services.routes.put(name, data, who)
+        route = await services.routes.put(name, data, who)
     except RoutesError as exc:
         raise InvalidRequest(str(exc)) from None
+    except StoreUnavailable:
+        raise RoutesUnavailable("the routes store cannot record the change right now; nothing changed") from None
     return _json({name: route.to_json()})
 
 

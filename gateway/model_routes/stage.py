@@ -1,14 +1,17 @@
 """The route table in force and the request path's "resolve route" step: a public name to the served version
 that answers (canary weights, sticky per user, an admin's pin), with the fallbacks to try after it.
 
-Contract: the table comes from the routes file (re-read when it changes and on SIGHUP; a broken edit keeps the
-table in force) and from `put` (the admin API), which takes effect for the next request; a file change replaces
-the whole table, admin changes included (logged). Every change is logged with who made it and what changed. A name
-that is no route resolves to None: the served model of that name answers, as without routes.
+Contract: the table in force is the routes file's (re-read when it changes and on SIGHUP; a broken edit keeps the
+table in force) with the admin API's changes over it (`put`, undone by `delete`), which win over the file's until
+deleted. A change takes effect for the next request here, and on every replica sharing the override store
+(Redis) within `POLL_S`; a change the store cannot record is refused, so replicas never disagree for long. Every
+change is logged with who made it and what changed. A name that is no route resolves to None: the served model of
+that name answers, as without routes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Callable, Collection
@@ -21,11 +24,15 @@ from gateway.errors import InvalidRequest
 from gateway.model_routes.changes import describe_change
 from gateway.model_routes.choose import choose_target, shadow_sampled
 from gateway.model_routes.config import RoutesError, load_routes_file, route_from_json
+from gateway.model_routes.overrides import MemoryOverrides, RouteOverrides
 from gateway.model_routes.table import Route, RouteTable
 from gateway.observability.record import RequestRecord
 from gateway.schemas import OpenAICall
+from gateway.tenants.store.base import StoreUnavailable
 
 logger = logging.getLogger("specgate.routes")
+
+POLL_S = 0.5  # how soon a change made on another replica is in force here
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,40 +45,83 @@ class Resolution:
 
 class RoutesInForce:
     def __init__(self, path: Path | None, known_models: Callable[[], Collection[str]],
-                 rng: random.Random | None = None) -> None:
+                 overrides: RouteOverrides | None = None, rng: random.Random | None = None) -> None:
         self._known_models = known_models
+        self._store = overrides if overrides is not None else MemoryOverrides()
         self._rng = rng or random.Random()
         self._watched: WatchedFile[RouteTable] | None = None
-        self._table = RouteTable()
+        self._base = RouteTable()
+        self._overrides: dict[str, Route] = {}
+        self._seen_version = -1
         if path is not None:
             self._watched = WatchedFile(path, self._load, self._file_reloaded, what="routes file", logger=logger)
-            self._table = self._watched.value
+            self._base = self._watched.value
+        self._table = self._base
 
     @property
     def table(self) -> RouteTable:
         return self._table
 
+    @property
+    def overridden(self) -> list[str]:
+        return sorted(self._overrides)
+
     def _load(self, path: Path) -> RouteTable:
         return load_routes_file(path, self._known_models())
 
     def _file_reloaded(self, ok: bool, message: str) -> None:
-        if not ok or self._watched is None:
-            return
-        old, new = self._table, self._watched.value
-        self._table = new
-        for name, route in new.routes.items():
-            if old.route(name) != route:
-                logger.info("routes file: %s", describe_change(old.route(name), route))
-        for name in old.routes.keys() - new.routes.keys():
-            logger.info("routes file: route %s removed", name)
+        if ok and self._watched is not None:
+            self._base = self._watched.value
+            self._apply(self._overrides, "routes file")
 
-    def put(self, name: str, data: Any, who: str) -> Route:
-        """Add or replace one route from its JSON; RoutesError (naming the problem) leaves the table as it was."""
+    def _apply(self, overrides: dict[str, Route], who: str) -> None:
+        """The table in force: the file's with `overrides` over it; one that no longer fits is left out, loudly."""
+        table = self._base
+        kept: dict[str, Route] = {}
+        for name, route in overrides.items():
+            try:
+                table = table.with_route(route, self._known_models())
+                kept[name] = route
+            except RoutesError as exc:
+                logger.error("route %s as changed through the admin API no longer fits the routes: %s", name, exc)
+        old, self._table, self._overrides = self._table, table, kept
+        for name, route in table.routes.items():
+            if old.route(name) != route:
+                logger.warning("route changed by %s: %s", who, describe_change(old.route(name), route))
+        for name in old.routes.keys() - table.routes.keys():
+            logger.warning("route changed by %s: route %s removed", who, name)
+
+    async def put(self, name: str, data: Any, who: str) -> Route:
+        """Add or replace one route from its JSON; RoutesError (naming the problem) or StoreUnavailable leave the
+        routes as they were."""
         route = route_from_json(name, data)
-        old = self._table.route(name)
-        self._table = self._table.with_route(route, self._known_models())
-        logger.warning("route changed by %s: %s", who, describe_change(old, route))
+        self._table.with_route(route, self._known_models())  # refused here, before anything is recorded
+        await self._store.put(name, route.to_json())
+        self._apply({**self._overrides, name: route}, who)
         return route
+
+    async def delete(self, name: str, who: str) -> bool:
+        """Undo the admin API's change of a route (the file's, if it has one, is in force again)."""
+        if name not in self._overrides:
+            return False
+        await self._store.delete(name)
+        self._apply({other: route for other, route in self._overrides.items() if other != name}, who)
+        return True
+
+    async def refresh(self) -> None:
+        """Take the other replicas' changes, when the store's version moved."""
+        version = await self._store.version()
+        if version == self._seen_version:
+            return
+        overrides: dict[str, Route] = {}
+        for name, data in (await self._store.all()).items():
+            try:
+                overrides[name] = route_from_json(name, data)
+            except RoutesError as exc:
+                logger.error("route %s in the shared store is malformed: %s", name, exc)
+        self._seen_version = version
+        if overrides != self._overrides:
+            self._apply(overrides, "another replica")
 
     def resolve(self, name: str, sticky_key: str | None, pinned: str | None) -> Resolution | None:
         route = self._table.route(name)
@@ -106,8 +156,28 @@ class RoutesInForce:
         return sorted(set(self._table.routes) | {model for model in served if model not in hidden})
 
     async def run(self) -> None:
+        tasks = [asyncio.create_task(self._poll(), name="specgate-routes-poll")]
         if self._watched is not None:
-            await self._watched.run()
+            tasks.append(asyncio.create_task(self._watched.run(), name="specgate-routes-file"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._store.aclose()
+
+    async def _poll(self) -> None:
+        failing = False
+        while True:
+            try:
+                await self.refresh()
+                failing = False
+            except StoreUnavailable as exc:
+                if not failing:
+                    logger.error("routes store unavailable, keeping the routes in force: %s", exc)
+                failing = True
+            await asyncio.sleep(POLL_S)
 
 
 __all__ = ["Resolution", "RoutesError", "RoutesInForce"]

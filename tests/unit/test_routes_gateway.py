@@ -3,7 +3,9 @@ API taking effect at once, refusals that keep the routes in force, and fallbacks
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -111,3 +113,49 @@ async def test_a_version_that_cannot_take_the_request_falls_back_in_order(tmp_pa
         answer = await client.post("/v1/chat/completions", json=ask(), headers={"x-specgate-route-to": "demo-v1"})
         assert answer.status_code == 200 and answer.headers["x-specgate-model"] == "demo-small"
         assert broken.seen, "the pinned version was tried first"
+
+
+@pytest.mark.anyio
+async def test_a_change_on_one_replica_is_in_force_on_the_other_within_a_second(tmp_path: Path,
+                                                                                  redis_url: str) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(json.dumps(ROUTES))
+    workers = [answering(model) for model in ("demo-v1", "demo-v2", "demo-small")]
+    settings = settings_for(*(w.url for w in workers), routes_file=routes, redis_url=redis_url)
+    first, second = (create_app(settings, worker_client=mock_client(*workers)) for _ in range(2))
+    async with first.router.lifespan_context(first), second.router.lifespan_context(second), \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://a") as a, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://b") as b:
+        canary_only = {"targets": [{"model": "demo-v1", "weight": 0}, {"model": "demo-v2", "weight": 1}]}
+        assert (await a.put("/admin/routes/chat", json=canary_only)).status_code == 200
+        changed_at = time.monotonic()
+        while (await b.get("/admin/routes")).json()["changed_through_admin_api"] != ["chat"]:
+            assert time.monotonic() - changed_at < 1.5, "the other replica never took the change"
+            await asyncio.sleep(0.02)
+        answers = [await b.post("/v1/chat/completions", json=ask(f"u{i}")) for i in range(20)]
+        assert {answer.headers["x-specgate-model"] for answer in answers} == {"demo-v2"}
+        assert (await b.delete("/admin/routes/chat")).status_code == 200, "undone from either replica"
+        while (await a.get("/admin/routes")).json()["changed_through_admin_api"]:
+            assert time.monotonic() - changed_at < 5, "the undo never reached the first replica"
+            await asyncio.sleep(0.02)
+        assert (await a.get("/admin/routes")).json()["routes"]["chat"] == {**ROUTES["routes"]["chat"], "shadow": None,
+            "targets": [{"model": "demo-v1", "weight": 90.0}, {"model": "demo-v2", "weight": 10.0}]}
+
+
+@pytest.mark.anyio
+async def test_a_change_the_shared_store_cannot_record_is_refused(tmp_path: Path) -> None:
+    from tests.support import free_port
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(json.dumps(ROUTES))
+    workers = [answering(model) for model in ("demo-v1", "demo-v2", "demo-small")]
+    settings = settings_for(*(w.url for w in workers), routes_file=routes,
+                            redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(settings, worker_client=mock_client(*workers))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        refused = await client.put("/admin/routes/chat", json={"targets": [{"model": "demo-v2", "weight": 1}]})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "routes_unavailable"
+        assert (await client.get("/admin/routes")).json()["changed_through_admin_api"] == []
+        answer = await client.post("/v1/chat/completions", json=ask("u1"), headers={"x-specgate-route-to": "demo-v1"})
+        assert answer.status_code == 200, "requests are served from the routes in force"
