@@ -107,6 +107,7 @@ def create_app(
         scrape_interval_s=settings.scrape_interval_s,
         discovery_interval_s=settings.discovery_interval_s,
         eject_after_failures=settings.eject_after_failures,
+        warmup_timeout_s=settings.warmup_timeout_s,
     )
 
     @contextlib.asynccontextmanager

@@ -124,6 +124,10 @@ class GatewaySettings(BaseSettings):
     scrape_interval_s: float = Field(0.25, gt=0, description="How often worker /metrics are read for load")
     discovery_interval_s: float = Field(10.0, gt=0, description="How often dns+http:// worker names are resolved")
     eject_after_failures: int = Field(3, ge=1)
+    warmup_timeout_s: float = Field(
+        120.0, ge=0, description="A worker coming up answers one small request per model before it is routed to, "
+        "within this long (else it is tried again at the next health check); 0: no warm-up"
+    )
     session_header: str = "x-session-id"
 
     log_level: str = "info"

@@ -17,6 +17,7 @@ from gateway.upstream.client import WorkerClient
 from gateway.upstream.http1.errors import WorkerUnreachable
 from gateway.workers.discovery import resolve
 from gateway.workers.load import WorkerLoad, parse_load
+from gateway.workers.warmup import warm_up
 
 logger = logging.getLogger("specgate.pool")
 
@@ -32,6 +33,8 @@ class PoolTiming:
     unhealthy_after_failures: int = 2
     eject_base_s: float = 1.0
     eject_max_s: float = 30.0
+    # 0: no warm-up; else how long a coming-up worker's warm-up may take before it is tried again.
+    warmup_timeout_s: float = 0.0
 
     @property
     def stale_after_s(self) -> float:
@@ -47,6 +50,7 @@ class Worker:
     healthy: bool = False
     model_cards: dict[str, dict[str, Any]] = field(default_factory=dict)
     in_flight: int = 0
+    warming: asyncio.Task[bool] | None = None
     # The integral of `in_flight` over time up to `open_area_at`: a request's mean load over its life is the
     # difference of two readings divided by its duration (workers/serving_stats.py).
     open_area: float = 0.0
@@ -145,7 +149,8 @@ class WorkerPool:
                 worker.model_cards = {card["id"]: card for card in orjson.loads(listing.body).get("data", [])}
                 for model in worker.model_cards:
                     self._metrics.prepare(model, worker.url)
-                worker.healthy, worker.health_failures = True, 0
+                worker.health_failures = 0
+                worker.healthy = worker.healthy or await self._warmed(worker)
             else:
                 self._health_failed(worker, gone=health.status == 503)
         except WorkerUnreachable as exc:
@@ -157,6 +162,22 @@ class WorkerPool:
         if worker.healthy != was_healthy:
             logger.info("worker %s is %s", worker.url, "healthy" if worker.healthy else "unhealthy")
         self._publish(worker)
+
+    async def _warmed(self, worker: Worker) -> bool:
+        """Whether a worker coming up has answered its warm-up; it runs in a task of its own so that it holds no
+        other worker's health check, and the worker stays out of routing until a check finds it done."""
+        if self.timing.warmup_timeout_s <= 0:
+            return True
+        if worker.warming is None:
+            worker.warming = asyncio.create_task(
+                warm_up(self._client, worker.url, list(worker.model_cards), self.timing.warmup_timeout_s))
+            # The first check that starts it also waits a little: a fast warm-up is done in the same check.
+            await asyncio.wait([worker.warming], timeout=min(self.timing.health_timeout_s, 1.0))
+        if not worker.warming.done():
+            return False
+        warmed = worker.warming.result()
+        worker.warming = None  # done: the next time it comes up, it is warmed again
+        return warmed
 
     def _health_failed(self, worker: Worker, gone: bool) -> None:
         """Refused or draining: out at once. Slow or erroring: out after a few checks in a row."""

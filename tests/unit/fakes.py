@@ -161,6 +161,8 @@ async def _body_of(response: httpx.Response) -> AsyncIterator[bytes]:
 def settings_for(*urls: str, **overrides: Any) -> GatewaySettings:
     values: dict[str, Any] = {
         "workers": list(urls), "health_interval_s": 3600, "scrape_interval_s": 3600, "retry_backoff_s": 0.0,
+        # Scripted workers count the requests they see: a warm-up would be one more (tested on its own).
+        "warmup_timeout_s": 0,
     }
     values.update(overrides)
     return GatewaySettings(**values)
