@@ -8,16 +8,13 @@ import logging
 import os
 import signal
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.config_watch import WatchedFile
-
-DEADLINE_S = 10.0  # generous: the machine may be busy; the checks below return as soon as the change shows
+from tests.support import replace_by_rename, until
 
 
 class Reports:
@@ -40,21 +37,6 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def _replace_by_rename(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.new")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-async def _until(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -91,7 +73,7 @@ def test_a_rename_replace_keeping_size_and_mtime_is_detected(tmp_path: Path) -> 
     reports = Reports()
     watched = _watch(path, reports)
     before = path.stat()
-    _replace_by_rename(path, "22")
+    replace_by_rename(path, "22")
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     assert watched.check() is True and watched.value == 22
@@ -124,11 +106,11 @@ async def test_run_picks_up_a_rename_replace(tmp_path: Path) -> None:
     watched = _watch(path, reports, poll_interval_s=0.05)
     task = asyncio.create_task(watched.run())
     try:
-        _replace_by_rename(path, "broken")
-        assert await _until(lambda: [ok for ok, _ in reports.calls] == [False])
+        replace_by_rename(path, "broken")
+        assert await until(lambda: [ok for ok, _ in reports.calls] == [False])
         assert watched.value == 1
-        _replace_by_rename(path, "7")
-        assert await _until(lambda: watched.value == 7)
+        replace_by_rename(path, "7")
+        assert await until(lambda: watched.value == 7)
         assert not task.done()
     finally:
         await _stop(task)
@@ -152,21 +134,21 @@ async def test_one_sighup_reloads_every_watched_file(tmp_path: Path) -> None:
         first_task = asyncio.create_task(first.run())
         second_task = asyncio.create_task(second.run())
         try:
-            assert await _until(lambda: signal.getsignal(signal.SIGHUP) is not placeholder)
+            assert await until(lambda: signal.getsignal(signal.SIGHUP) is not placeholder)
             await asyncio.sleep(0.05)  # both tasks have started (and joined the SIGHUP fan-out)
-            _replace_by_rename(first_path, "2")
-            _replace_by_rename(second_path, "20")
+            replace_by_rename(first_path, "2")
+            replace_by_rename(second_path, "20")
             os.kill(os.getpid(), signal.SIGHUP)
-            assert await _until(lambda: (first.value, second.value) == (2, 20))
+            assert await until(lambda: (first.value, second.value) == (2, 20))
             assert first_reports.calls[-1][0] is True and second_reports.calls[-1][0] is True
 
             # One watcher stopping leaves the other one's SIGHUP in place.
             await _stop(first_task)
             assert signal.getsignal(signal.SIGHUP) is not placeholder
-            _replace_by_rename(first_path, "3")
-            _replace_by_rename(second_path, "30")
+            replace_by_rename(first_path, "3")
+            replace_by_rename(second_path, "30")
             os.kill(os.getpid(), signal.SIGHUP)
-            assert await _until(lambda: second.value == 30)
+            assert await until(lambda: second.value == 30)
             assert first.value == 2
         finally:
             if not first_task.done():

@@ -5,19 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gateway.tenants.keys_file import KeysFileError, legacy_directory, secret_digest
 from gateway.tenants.reload import KeysReloader
-
-DEADLINE_S = 10.0  # generous: the machine may be busy; the checks below return as soon as the change shows
+from tests.support import replace_by_rename, until
 
 
 def _keys(*names: str) -> str:
@@ -39,29 +33,14 @@ def keys_path(tmp_path: Path) -> Path:
     return path
 
 
-def _replace_by_rename(path: Path, text: str) -> None:
-    temporary = path.with_name(".keys.yaml.new")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def _replace_keeping_size_and_mtime(path: Path, text: str) -> None:
     """Same length, same mtime: only the inode (and the content) tell the new file from the old one."""
     before = path.stat()
-    _replace_by_rename(path, text)
+    replace_by_rename(path, text)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = path.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     assert after.st_ino != before.st_ino
-
-
-async def _until(condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 def test_a_broken_file_at_start_refuses_to_start(tmp_path: Path) -> None:
@@ -133,53 +112,7 @@ async def test_run_picks_up_a_rename_that_keeps_size_and_mtime(keys_path: Path) 
     task = asyncio.create_task(reloader.run())
     try:
         _replace_keeping_size_and_mtime(keys_path, _keys("omega"))
-        assert await _until(lambda: reloader.directory.lookup(b"omega") is not None)
+        assert await until(lambda: reloader.directory.lookup(b"omega") is not None)
         assert reloader.directory.lookup(b"alpha") is None and reports.calls[-1][0] is True
     finally:
         await _stop(task)
-
-
-@pytest.mark.anyio
-async def test_run_survives_a_broken_file_and_an_on_reload_that_raises(keys_path: Path) -> None:
-    def explode(ok: bool, message: str) -> None:
-        calls.append(ok)
-        raise RuntimeError("a bug in the callback")
-
-    calls: list[bool] = []
-    reloader = KeysReloader(keys_path, legacy_directory([]), explode, poll_interval_s=0.05)
-    task = asyncio.create_task(reloader.run())
-    try:
-        _replace_by_rename(keys_path, "keys: [")
-        assert await _until(lambda: calls == [False])
-        _replace_by_rename(keys_path, _keys("alpha", "delta"))
-        assert await _until(lambda: reloader.directory.lookup(b"delta") is not None)
-        assert not task.done()
-    finally:
-        await _stop(task)
-
-
-@pytest.mark.anyio
-async def test_sighup_reloads_at_once(keys_path: Path) -> None:
-    assert threading.current_thread() is threading.main_thread()
-
-    def placeholder(signum: int, frame: Any) -> None:  # were the reloader's handler absent, SIGHUP must not kill us
-        hups.append(signum)
-
-    hups: list[int] = []
-    previous = signal.signal(signal.SIGHUP, placeholder)
-    try:
-        reports = Reports()
-        # Polling an hour apart: only the signal can make this reload.
-        reloader = KeysReloader(keys_path, legacy_directory([]), reports, poll_interval_s=3600)
-        task = asyncio.create_task(reloader.run())
-        try:
-            assert await _until(lambda: signal.getsignal(signal.SIGHUP) is not placeholder)
-            _replace_by_rename(keys_path, _keys("alpha", "hup"))
-            os.kill(os.getpid(), signal.SIGHUP)
-            assert await _until(lambda: reloader.directory.lookup(b"hup") is not None)
-            assert hups == [] and reports.calls[-1][0] is True
-        finally:
-            await _stop(task)
-        assert signal.getsignal(signal.SIGHUP) is placeholder  # the handler that was there is put back
-    finally:
-        signal.signal(signal.SIGHUP, previous)
