@@ -124,9 +124,10 @@ def exactness(args: argparse.Namespace, engine_url: str, workdir: Path) -> dict[
     }
 
 
-def overhead(args: argparse.Namespace, engine_url: str, workdir: Path) -> dict[str, list[float]]:
+def overhead(args: argparse.Namespace, engine_url: str, workdir: Path) -> dict[str, list[list[float]]]:
+    """TTFTs (ms) per set-up, round by round."""
     keys = keys_file(workdir / "keys-overhead.yaml", 10**9, 10**12)
-    ttfts: dict[str, list[float]] = {"no keys": [], "keys, in-process": [], "keys, Redis": []}
+    ttfts: dict[str, list[list[float]]] = {"no keys": [], "keys, in-process": [], "keys, Redis": []}
     with running_redis() as redis_url:
         setups = {"no keys": {}, "keys, in-process": {"SPECGATE_KEYS_FILE": str(keys)},
                   "keys, Redis": {"SPECGATE_KEYS_FILE": str(keys), "SPECGATE_REDIS_URL": redis_url}}
@@ -137,19 +138,26 @@ def overhead(args: argparse.Namespace, engine_url: str, workdir: Path) -> dict[s
                     say(f"overhead round {round_index + 1}/{args.rounds}: {name}")
                     run = asyncio.run(run_scenario(load(url, concurrency=args.streams, ramp_up_s=2.0,
                                                         duration_s=args.overhead_s, seed=round_index)))
-                ttfts[name] += [r.ttft_s * 1000 for r in run.records if r.ok and r.ttft_s is not None
-                                and not r.ramp_up]
+                ttfts[name].append([r.ttft_s * 1000 for r in run.records if r.ok and r.ttft_s is not None
+                                    and not r.ramp_up])
     return ttfts
+
+
+def previous_exactness(report_path: Path) -> list[str]:
+    """The exactness section of the last full run's report, for a run of the TTFT part alone."""
+    lines = report_path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("## One key"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("## TTFT"))
+    kept = [line for line in lines[start:end] if not line.startswith("(From the last full run")]
+    return [kept[0], "", "(From the last full run, `python -m benchmarks.bench_tenants`.)", *kept[1:]]
 
 
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def report(args: argparse.Namespace, exact: dict[str, Any], ttfts: dict[str, list[float]]) -> str:
-    command = "python -m benchmarks.bench_tenants " + " ".join(sys.argv[1:])
-    lines = [
-        "# Tenants: one limit across two replicas, and what the checks cost", "", f"Command: `{command.strip()}`", "",
+def exactness_section(args: argparse.Namespace, exact: dict[str, Any]) -> list[str]:
+    return [
         f"## One key, RPM {args.rpm} and TPM {args.tpm}, two replicas sharing Redis, {args.overload:g}x offered "
         f"for {args.duration_s:g} s", "",
         "| | admitted | the limits allow | ratio |", "|---|---:|---:|---:|",
@@ -161,13 +169,25 @@ def report(args: argparse.Namespace, exact: dict[str, Any], ttfts: dict[str, lis
         f"{exact['errors_5xx']}; other failures: {exact['other_failures']}. Most requests admitted in any 60 s "
         f"(by send time): {exact['most_requests_in_60s']} (limit {args.rpm}). Usage as `GET /admin/usage` "
         f"reports it: `{json.dumps(exact['usage'])}`.", "",
-        f"## TTFT at {args.streams} streams, {args.rounds} interleaved rounds of {args.overhead_s:g} s", "",
-        "| set-up | requests | TTFT p50 (ms) | TTFT p99 (ms) | p50 added (ms) |", "|---|---:|---:|---:|---:|",
     ]
-    base = percentile(ttfts["no keys"], 50)
-    for name, values in ttfts.items():
-        p50 = percentile(values, 50)
-        lines.append(f"| {name} | {len(values)} | {p50:.2f} | {percentile(values, 99):.2f} | {p50 - base:+.2f} |")
+
+
+def report(args: argparse.Namespace, exactness_lines: list[str], ttfts: dict[str, list[list[float]]]) -> str:
+    command = "python -m benchmarks.bench_tenants " + " ".join(sys.argv[1:])
+    lines = [
+        "# Tenants: one limit across two replicas, and what the checks cost", "", f"Command: `{command.strip()}`", "",
+        *exactness_lines,
+        f"## TTFT at {args.streams} streams, {args.rounds} interleaved rounds of {args.overhead_s:g} s", "",
+        "| set-up | requests | TTFT p50 (ms) | TTFT p99 (ms) | p50 by round (ms) | p50 added, median of the rounds' "
+        "differences (ms) |", "|---|---:|---:|---:|---|---:|",
+    ]
+    base_rounds = [percentile(values, 50) for values in ttfts["no keys"]]
+    for name, rounds in ttfts.items():
+        pooled = [value for values in rounds for value in values]
+        by_round = [percentile(values, 50) for values in rounds]
+        added = statistics.median(p50 - base for p50, base in zip(by_round, base_rounds, strict=True))
+        lines.append(f"| {name} | {len(pooled)} | {percentile(pooled, 50):.2f} | {percentile(pooled, 99):.2f} | "
+                     f"{' / '.join(f'{p50:.2f}' for p50 in by_round)} | {added:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overload", type=float, default=3.0)
     parser.add_argument("--duration-s", type=float, default=120.0)
     parser.add_argument("--streams", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip-exactness", action="store_true", help="only the TTFT part (the report keeps "
+                        "the exactness section of the previous report)")
     parser.add_argument("--overhead-s", type=float, default=20.0)
     parser.add_argument("--output", type=Path, default=RESULTS / "tenants.md")
     args = parser.parse_args(argv)
@@ -186,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_args = ["--ttft-ms", "20", "--gap-ms", "10", "--output-len", str(OUTPUT_TOKENS), "--prompt-tokens",
                    str(PROMPT_TOKENS)]
     with start_engine(engine_args, "1", workdir) as engine:
-        exact = exactness(args, engine.url, workdir)
+        exact = (previous_exactness(args.output) if args.skip_exactness
+                 else exactness_section(args, exactness(args, engine.url, workdir)))
         ttfts = overhead(args, engine.url, workdir)
     args.output.write_text(report(args, exact, ttfts))
     say(f"wrote {args.output}")

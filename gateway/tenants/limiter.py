@@ -39,7 +39,7 @@ REASON_TEXT = {
 class Grant:
     """An admitted request's hold on its key: headers for the answer, and what it has been charged so far."""
 
-    __slots__ = ("charged_output", "headers", "limited", "prompt_estimate", "request_id", "tenant")
+    __slots__ = ("charged_output", "headers", "limited", "prompt_estimate", "request_id", "tenant", "ticks")
 
     def __init__(self, tenant: Tenant, request_id: str, prompt_estimate: int, headers: dict[str, str],
                  limited: bool) -> None:
@@ -49,6 +49,7 @@ class Grant:
         self.headers = headers
         self.limited = limited  # counted in the store (False: the store was down and the request let through)
         self.charged_output = 0
+        self.ticks = 0  # charging rounds it has been open for
 
 
 class TenantLimiter:
@@ -116,12 +117,10 @@ class TenantLimiter:
         task.add_done_callback(self._settling.discard)
 
     async def _settle(self, grant: Grant, record: RequestRecord) -> None:
-        name = grant.tenant.name
+        used = max(record.output_tokens - grant.charged_output, 0)
+        grant.charged_output += used
         try:
-            await self._store.release(name, grant.request_id)
-            if record.prompt_tokens:
-                await self._store.reconcile_prompt(name, grant.request_id, record.prompt_tokens)
-            await self._charge(grant, record)
+            await self._store.finish(grant.tenant.name, grant.request_id, record.prompt_tokens or None, used)
         except StoreUnavailable as exc:
             self._store_failed("accounting", exc)
 
@@ -132,8 +131,12 @@ class TenantLimiter:
             await self._store.charge(grant.tenant.name, grant.request_id, used)
 
     async def charge_open(self) -> None:
-        """Charge open streams the output tokens they produced since the last call."""
+        """Charge open streams the output tokens they produced since the last call. A request is first charged
+        at the second round it is open for: most end sooner, and are charged once, when they end."""
         for grant, record in list(self._open.values()):
+            grant.ticks += 1
+            if grant.ticks < 2:
+                continue
             try:
                 await self._charge(grant, record)
             except StoreUnavailable as exc:

@@ -295,3 +295,23 @@ async def test_redis_killed_mid_test_raises_store_unavailable() -> None:
         await expect_unavailable(lambda: admit(store, LimitSpec(rpm=5), "b"))
         await expect_unavailable(lambda: store.refused("team-a"))
         await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_finish_releases_reconciles_and_charges_in_one_call(kind: str, redis_url: str) -> None:
+    from gateway.tenants.store.memory import MemoryLimitStore
+    from gateway.tenants.store.redis_store import RedisLimitStore
+
+    store = MemoryLimitStore() if kind == "memory" else RedisLimitStore(redis_url, prefix=f"finish-{kind}:")
+    spec = LimitSpec(tpm=100, max_concurrent=1)
+    try:
+        assert (await store.admit("k", spec, "r1", 10, 60.0)).admitted
+        assert (await store.admit("k", spec, "r2", 10, 60.0)).reason == "concurrency"
+        await store.finish("k", "r1", 30, 50)
+        after = await store.admit("k", spec, "r3", 10, 60.0)
+        assert after.admitted and after.tokens_remaining == 100 - 30 - 50 - 10
+        usage = (await store.usage(0, 4e9))["k"]
+        assert (usage.prompt_tokens, usage.output_tokens) == (40, 50)
+    finally:
+        await store.aclose()

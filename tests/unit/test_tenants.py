@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, until
 from tests.unit.fakes import CHAT, MODEL, STREAM, ScriptedWorker, gateway_client, mock_client, settings_for, vllm_stream
 
 SECRETS = {"team-a": "sk-a-secret", "team-b": "sk-b-secret", "ops": "sk-ops-secret"}
@@ -188,3 +188,44 @@ async def test_an_edited_keys_file_takes_effect_without_a_restart(keys_file: Pat
             raise AssertionError("the broken file was never noticed")
         answer = await client.post("/v1/chat/completions", json=CHAT, headers=auth("team-b"))
         assert answer.status_code == 200, "a broken edit keeps the keys in force"
+
+
+@pytest.mark.anyio
+async def test_a_long_stream_is_charged_as_it_goes_and_exactly_once_in_total() -> None:
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from gateway.observability.record import RequestRecord
+    from gateway.schemas import validate_call
+    from gateway.tenants.keys_file import parse_keys
+    from gateway.tenants.limiter import TenantLimiter
+    from gateway.tenants.metrics import TenantMetrics
+    from gateway.tenants.store.memory import MemoryLimitStore
+
+    tenant = parse_keys(keys_yaml({"tpm": 1000}), "keys").lookup(SECRETS["team-a"].encode())
+    assert tenant is not None
+    store = MemoryLimitStore()
+    limiter = TenantLimiter(store, TenantMetrics(CollectorRegistry()), fail_open=True, lease_s=60, clock=time.time)
+    record = RequestRecord(request_id="r", model=MODEL, endpoint="chat", stream=True, received_at=0.0)
+    grant = await limiter.admit(tenant, validate_call("chat", dict(CHAT)), record)
+    record.output_tokens = 10
+    await limiter.charge_open()
+    assert (await store.usage(0, 4e9))["team-a"].output_tokens == 0, "a young stream waits for its second round"
+    await limiter.charge_open()
+    assert (await store.usage(0, 4e9))["team-a"].output_tokens == 10, "charged while it streams"
+    record.output_tokens, record.prompt_tokens = 25, 7
+    limiter.finish(grant, record)  # settled in a task of its own
+    assert await until(lambda: store_usage_now(store) == (25, 7)), "the rest at the end, nothing twice"
+    await limiter.aclose()
+
+
+def store_usage_now(store: Any) -> tuple[int, int] | None:
+    """(output, prompt) tokens of team-a in an in-process store, read synchronously (it never awaits)."""
+    coroutine = store.usage(0, 4e9)
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        usage = done.value.get("team-a")
+        return None if usage is None else (usage.output_tokens, usage.prompt_tokens)
+    raise AssertionError("the in-process store awaited")

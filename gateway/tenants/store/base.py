@@ -91,6 +91,10 @@ class LimitStore(Protocol):
         """End the request's concurrency lease (idempotent)."""
         ...
 
+    async def finish(self, key: str, request_id: str, prompt_tokens: int | None, output_tokens: int) -> None:
+        """A request's end in one call: `release`, then `reconcile_prompt` (unless None), then `charge`."""
+        ...
+
     async def refused(self, key: str) -> None:
         """Count one refused request in usage."""
         ...

@@ -237,6 +237,12 @@ class MemoryLimitStore:
             state.day_tokens += diff
         self._add_usage(key, now, minute_of(entry.at), _PROMPT, diff)
 
+    async def finish(self, key: str, request_id: str, prompt_tokens: int | None, output_tokens: int) -> None:
+        await self.release(key, request_id)
+        if prompt_tokens is not None:
+            await self.reconcile_prompt(key, request_id, prompt_tokens)
+        await self.charge(key, request_id, output_tokens)
+
     async def release(self, key: str, request_id: str) -> None:
         state = self._keys.get(key)
         if state is not None:

@@ -151,31 +151,55 @@ if used > 0 then treset = tonumber(redis.call('ZRANGE', tw, -1, -1, 'WITHSCORES'
 return {reason, retry, nreq, used, rreset, treset}
 """
 
-CHARGE = PRELUDE + """
-prune()
-local n = tonumber(ARGV[3])
-add_tokens('o' .. redis.call('HINCRBY', tc, 'seq', 1), n)
-add_usage(MIN, 'o', n)
+# Output tokens already produced: counted whatever the window holds.
+CHARGE_FN = """
+local function charge(n)
+  if n <= 0 then return end
+  add_tokens('o' .. redis.call('HINCRBY', tc, 'seq', 1), n)
+  add_usage(MIN, 'o', n)
+end
 """
 
-RECONCILE = PRELUDE + """
-prune()
-local rec = redis.call('HGET', pr, ARGV[3])
-if not rec then return 0 end
-local seq, at, old = string.match(rec, '(%d+) (%d+) (%d+)')
-at, old = tonumber(at), tonumber(old)
-local n = tonumber(ARGV[4])
-local diff = n - old
-if diff == 0 then return 0 end
-local id = 'p' .. seq
-local score = redis.call('ZSCORE', tw, id)
-if score and tonumber(score) == at then  -- still in the window (and not a reused sequence number)
-  redis.call('HSET', tc, id, n)
-  redis.call('HINCRBY', tc, 'sum', diff)
+# The prompt entry recorded at admission set to the worker's exact count, keeping its time.
+RECONCILE_FN = """
+local function reconcile(request_id, n)
+  local rec = redis.call('HGET', pr, request_id)
+  if not rec then return 0 end
+  local seq, at, old = string.match(rec, '(%d+) (%d+) (%d+)')
+  at, old = tonumber(at), tonumber(old)
+  local diff = n - old
+  if diff == 0 then return 0 end
+  local id = 'p' .. seq
+  local score = redis.call('ZSCORE', tw, id)
+  if score and tonumber(score) == at then  -- still in the window (and not a reused sequence number)
+    redis.call('HSET', tc, id, n)
+    redis.call('HINCRBY', tc, 'sum', diff)
+  end
+  redis.call('HSET', pr, request_id, string.format('%d %d %d', seq, at, n))
+  add_day(math.floor(at / 86400000000), diff)
+  add_usage(math.floor(at / 60000000), 'p', diff)
+  return 1
 end
-redis.call('HSET', pr, ARGV[3], string.format('%d %d %d', seq, at, n))
-add_day(math.floor(at / 86400000000), diff)
-add_usage(math.floor(at / 60000000), 'p', diff)
+"""
+
+CHARGE = PRELUDE + CHARGE_FN + """
+prune()
+charge(tonumber(ARGV[3]))
+"""
+
+RECONCILE = PRELUDE + RECONCILE_FN + """
+prune()
+return reconcile(ARGV[3], tonumber(ARGV[4]))
+"""
+
+# A request's end in one round trip: its lease given back, its prompt reconciled (ARGV[4] >= 0), its remaining
+# output charged (ARGV[5]).
+FINISH = PRELUDE + CHARGE_FN + RECONCILE_FN + """
+prune()
+redis.call('ZREM', ls, ARGV[3])
+local prompt = tonumber(ARGV[4])
+if prompt >= 0 then reconcile(ARGV[3], prompt) end
+charge(tonumber(ARGV[5]))
 return 1
 """
 

@@ -33,7 +33,16 @@ from gateway.tenants.store.base import (
     minute_of,
     retention_minutes,
 )
-from gateway.tenants.store.redis_scripts import ADMIT, CHARGE, RECONCILE, REFUSED, SUFFIXES, TOUCH, USAGE
+from gateway.tenants.store.redis_scripts import (
+    ADMIT,
+    CHARGE,
+    FINISH,
+    RECONCILE,
+    REFUSED,
+    SUFFIXES,
+    TOUCH,
+    USAGE,
+)
 
 _T = TypeVar("_T")
 _US = 1_000_000
@@ -74,6 +83,7 @@ class RedisLimitStore:
         self._admit = self._redis.register_script(ADMIT)
         self._charge = self._redis.register_script(CHARGE)
         self._reconcile = self._redis.register_script(RECONCILE)
+        self._finish = self._redis.register_script(FINISH)
         self._refused = self._redis.register_script(REFUSED)
         self._usage = self._redis.register_script(USAGE)
         self._touch = self._redis.register_script(TOUCH)
@@ -129,6 +139,10 @@ class RedisLimitStore:
 
     async def release(self, key: str, request_id: str) -> None:
         await self._call(self._redis.zrem(self._keys(key)[SUFFIXES.index("l")], request_id))
+
+    async def finish(self, key: str, request_id: str, prompt_tokens: int | None, output_tokens: int) -> None:
+        prompt = -1 if prompt_tokens is None else max(0, prompt_tokens)
+        await self._script(self._finish, key, request_id, prompt, max(0, output_tokens))
 
     async def refused(self, key: str) -> None:
         await self._script(self._refused, key)
