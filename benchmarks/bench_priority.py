@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report(args: argparse.Namespace, ttfts: dict[str, list[float]], low_rates: dict[str, list[float]]) -> str:
     idle = statistics.median(next(iter(ttfts.values())))
     lines = ["# A high-priority key's TTFT while a low-priority key saturates the worker", "",
-             f"Command: `python -m benchmarks.bench_priority {' '.join(sys.argv[1:])}`", "",
+             f"Command: `{' '.join(['python -m benchmarks.bench_priority', *sys.argv[1:]])}`", "",
              f"Fake engine (a test double) running {args.capacity} requests at once, FIFO beyond; 20 ms TTFT, 10 ms "
              f"per token, 50 tokens. Low key: {args.overload * args.capacity} streams; high key: one at a time. "
              f"{args.rounds} interleaved rounds of {args.duration_s:g} s.", "",
