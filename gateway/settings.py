@@ -82,6 +82,9 @@ class GatewaySettings(BaseSettings):
     )
     routing_per_model: dict[str, str] = Field(default_factory=dict, description="model name -> policy")
     max_attempts: int = Field(3, ge=1, description="Workers tried for one request before the first byte")
+    max_migrations: int = Field(
+        1, ge=0, description="Times a stream whose worker fails mid-stream goes on from another worker; 0: never"
+    )
     retry_backoff_s: float = Field(0.05, ge=0)
 
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)

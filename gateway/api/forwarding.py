@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from gateway.admission.admission import AdmittedRequest
 from gateway.admission.client_watch import ClientWatch
 from gateway.admission.deadlines import WaitGuard
+from gateway.api.resuming import StreamResumer
 from gateway.errors import (
     ClientDisconnected,
     DeadlinePassed,
@@ -41,6 +42,8 @@ from gateway.observability.speculation import take_speculation
 from gateway.schemas import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.services import Services
 from gateway.streaming.answer_text import sse_text, text_digest, whole_answer_text
+from gateway.streaming.failover import ResumableStream
+from gateway.streaming.resume import resumable
 from gateway.streaming.stream import Stream
 from gateway.streaming.usage import UsageFilter
 from gateway.tenants.keys_file import Tenant
@@ -182,15 +185,19 @@ class Forwarding:
                       capture: list[bytes] | None) -> Response:
         services = self._services
 
+        digest = capture is not None
+        resumable_call = services.settings.max_migrations > 0 and resumable(call)
+        sent = capture if capture is not None else ([] if resumable_call else None)
+
         def finish(done: RequestRecord) -> None:
             services.drainer.untrack(opened)
-            services.pool.finished(worker, done)
-            if capture is not None:
-                done.output_sha256 = text_digest(sse_text(b"".join(capture)))
+            services.pool.finished(resumer.worker if resumer is not None else worker, done)
+            if digest and sent is not None:
+                done.output_sha256 = text_digest(sse_text(b"".join(sent)))
             admitted.close(done)
 
         stream = Stream(None, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock,
-                        finish, capture)
+                        finish, sent)
         response = stream.respond(watch, request.scope, services.settings.sse_ping_interval_s,
                                   services.settings.sse_send_timeout_s, headers)
 
@@ -202,6 +209,10 @@ class Forwarding:
                                                        opening=stream.first_read_sink, waiting=worker.load.waiting)
 
         worker, opened = await self._dispatched(call, record, open_on)
+        resumer = None
+        if resumable_call and sent is not None:
+            resumer = StreamResumer(services, call, record, path, sent, worker)
+            opened = ResumableStream(opened, resumer)
         try:
             services.drainer.track(opened)
             stream.attach(opened)

@@ -117,6 +117,10 @@ class Metrics:
             "specgate_upstream_retries", "Attempts moved to another worker before the first byte.",
             ["model"], registry=reg,
         )
+        self.stream_migrations = Counter(
+            "specgate_stream_migrations", "Streams whose worker failed mid-stream, by what followed (resumed on "
+            "another worker, no_worker to take it, not_resumable).", ["model", "outcome"], registry=reg,
+        )
         self.in_flight = Gauge(
             "specgate_in_flight", "Requests admitted and not yet finished.", ["model"], registry=reg
         )

@@ -45,6 +45,7 @@ class RequestRecord:
     gap_seconds: array[float] = field(default_factory=lambda: array("d"))
     gap_tokens: array[int] = field(default_factory=lambda: array("I"))
     attempts: int = 0
+    migrations: int = 0  # times the stream went on from another worker after its worker failed mid-stream
     # The worker's queue depth when this request started on it, this request included (workers/serving_stats.py).
     worker_open_at_start: int = 0
     # This gateway's time-averaged open requests on the worker over the request's life, this one included: the
@@ -133,6 +134,7 @@ class RequestRecord:
             "status": self.status,
             "stream": self.stream,
             "attempts": self.attempts,
+            "migrations": self.migrations,
             "worker_mean_open": _round(self.worker_mean_open or None),
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,

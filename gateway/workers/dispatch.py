@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from gateway.errors import (
@@ -67,13 +67,15 @@ class Dispatcher:
             policy.forget(worker_url)
 
     async def attempt(
-        self, call: OpenAICall, record: RequestRecord, send: Callable[[Worker], Awaitable[T]]
+        self, call: OpenAICall, record: RequestRecord, send: Callable[[Worker], Awaitable[T]],
+        exclude: Sequence[Worker] = (),
     ) -> tuple[Worker, T]:
-        """Run `send` on workers until one answers; the returned worker is counted as in flight."""
+        """Run `send` on workers (not those in `exclude`) until one answers; the returned worker is counted as in
+        flight."""
         tried: list[Worker] = []
         last_error: GatewayError | None = None
         while len(tried) < self._max_attempts:
-            candidates = self._pool.candidates(call.model, exclude=tried)
+            candidates = self._pool.candidates(call.model, exclude=[*exclude, *tried])
             if not candidates:
                 break
             worker = self.policy_for(call.model).choose(candidates, call)
