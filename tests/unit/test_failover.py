@@ -126,3 +126,42 @@ async def test_failover_off_ends_the_stream_as_before() -> None:
             "max_tokens": 8})).text for _ in range(2)]
     assert sum('"error"' in text for text in texts) == 1
     assert all(c["messages"][-1]["role"] == "user" for c in continuations)
+
+
+@pytest.mark.anyio
+async def test_a_completion_is_continued_with_its_text_appended_to_the_prompt() -> None:
+    def completion_chunk(text: str, tokens: int, stream_id: str, prompt_tokens: int) -> bytes:
+        payload = {"id": stream_id, "object": "text_completion", "model": MODEL,
+                   "choices": [{"index": 0, "text": text, "finish_reason": None}],
+                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                             "total_tokens": prompt_tokens + tokens}}
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    async def dying_body() -> AsyncIterator[bytes]:
+        for index in range(4):
+            yield completion_chunk(WORDS[index], index + 1, "cmpl-first", 3)
+        raise httpx.ReadError("connection reset by peer")
+
+    prompts: list[str] = []
+
+    def continue_it(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        prompts.append(body["prompt"])
+        done = body["prompt"].count(" t")
+        rest = WORDS[done:done + body["max_tokens"]]
+        events = [completion_chunk(word, i + 1, "cmpl-second", 3 + done) for i, word in enumerate(rest)]
+        return httpx.Response(200, content=b"".join([*events, DONE]))
+
+    dying = ScriptedWorker(url="http://dying:1", on_post=lambda request: httpx.Response(200, content=dying_body()))
+    healthy = ScriptedWorker(url="http://healthy:1", on_post=continue_it)
+    async with gateway_client(settings_for(dying.url, healthy.url, routing="round_robin"),
+                              mock_client(dying, healthy)) as (client, _):
+        texts = []
+        for _ in range(2):
+            answer = await client.post("/v1/completions", json={"model": MODEL, "prompt": "count:", "stream": True,
+                                                                "max_tokens": 8})
+            events = [json.loads(e[6:]) for e in data_events(answer.text) if e != "data: [DONE]"]
+            texts.append("".join(e["choices"][0]["text"] for e in events if e["choices"]))
+            assert {e["id"] for e in events} == {events[0]["id"]}
+    assert texts == ["".join(WORDS)] * 2
+    assert "count:" + "".join(WORDS[:4]) in prompts, "the text so far appended to the prompt"
