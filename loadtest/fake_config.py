@@ -68,6 +68,8 @@ class FakeEngineConfig:
     kv_capacity_tokens: int = 262_144
     faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int | None = None
+    # Token i reads " t{i}" and continuations go on from their text's last number (loadtest/fake_numbered.py).
+    numbered: bool = False
 
     def __post_init__(self) -> None:
         if self.ttft_s < 0 or self.gap_s < 0 or self.prefill_s_per_token < 0:
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault-after-events", type=int, default=2, help="events sent before reset/stall")
     parser.add_argument("--stall-s", type=float, default=3600.0, help="how long a stall lasts")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--numbered", action="store_true",
+                        help="token i reads ' t{i}'; a continuation goes on from its text's last number")
     parser.add_argument("--log-level", default="warning")
     return parser
 
@@ -142,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> FakeEngineConfig:
         kv_capacity_tokens=args.kv_capacity_tokens,
         faults=faults,
         seed=args.seed,
+        numbered=args.numbered,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from loadtest.fake_asgi import Receive, Scope, Send, read_body, reset_connection, respond, sleep_until
 from loadtest.fake_config import STATUS_FAULTS, FakeEngineConfig, parse_config
 from loadtest.fake_metrics import EngineStats, PrefixCache, render_metrics
+from loadtest.fake_numbered import numbered_text
 from loadtest.fake_request import BadRequest, Plan, apply_headers, plan_request
 from loadtest.fake_wire import (
     DONE,
@@ -60,7 +61,9 @@ class FakeEngine:
         # Token text per chunk size, encoded once: the hot loop only joins a few ready-made byte strings.
         self._texts: dict[int, bytes] = {}
 
-    def _text(self, tokens: int) -> bytes:
+    def _text(self, tokens: int, plan: Plan, before: int) -> bytes:
+        if plan.first_token is not None:
+            return numbered_text(plan.first_token + before, tokens)
         text = self._texts.get(tokens)
         if text is None:
             text = self._texts[tokens] = self.config.token_text.encode() * tokens
@@ -192,15 +195,6 @@ class FakeEngine:
         base = plan.request_id or f"{self._id_prefix}{next(self._ids):08x}"
         return ("chatcmpl-" if plan.chat else "cmpl-") + base
 
-    def _event_sizes(self, plan: Plan) -> Iterator[int]:
-        """Tokens per event: prefill yields one token, then each decode step yields up to k."""
-        remaining = plan.output_tokens - 1
-        yield 1
-        while remaining > 0:
-            size = min(plan.tokens_per_chunk, remaining)
-            remaining -= size
-            yield size
-
     async def _strike(self, send: Send, plan: Plan, call: _Call) -> None:
         self.stats.count_fault(plan.fault or "")
         if plan.fault == "stall":
@@ -220,7 +214,7 @@ class FakeEngine:
         deadline = time.perf_counter() + plan.ttft_s
         gap = plan.gap_s
         last_reason = plan.finish_reason
-        for index, size in enumerate(self._event_sizes(plan)):
+        for index, size in enumerate(plan.event_sizes()):
             if index:
                 deadline += gap
                 if plan.tokens_per_chunk > 1:
@@ -236,7 +230,7 @@ class FakeEngine:
                     await self._strike(send, plan, call)
             produced += size
             last = produced == plan.output_tokens
-            chunk = writer.content(self._text(size), produced, last_reason if last else None)
+            chunk = writer.content(self._text(size, plan, produced - size), produced, last_reason if last else None)
             if last:
                 call.finished = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -253,12 +247,12 @@ class FakeEngine:
     async def _complete(self, send: Send, plan: Plan, call: _Call) -> None:
         if plan.fault is not None:
             await self._strike(send, plan, call)
-        steps = sum(1 for _ in self._event_sizes(plan)) - 1
+        steps = sum(1 for _ in plan.event_sizes()) - 1
         await asyncio.sleep(plan.ttft_s + steps * plan.gap_s)
         self.stats.generation_tokens_total += plan.output_tokens
         self.stats.count_finished(plan.finish_reason)
         body = full_response(chat=plan.chat, request_id=self._request_id(plan), model=self.config.model,
-                             text=self._text(plan.output_tokens).decode(), finish_reason=plan.finish_reason,
+                             text=self._text(plan.output_tokens, plan, 0).decode(), finish_reason=plan.finish_reason,
                              prompt_tokens=plan.prompt_tokens, completion_tokens=plan.output_tokens)
         call.finished = True
         await respond(send, 200, body, JSON_HEADERS)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from loadtest.fake_config import FAULT_KINDS, FakeEngineConfig
+from loadtest.fake_numbered import continued_from
 
 # Per-message template overhead, roughly what a chat template adds around each turn.
 _CHAT_TOKENS_PER_MESSAGE = 4
@@ -44,6 +45,16 @@ class Plan:
     fault: str | None = None
     fault_after: int = 0
     request_id: str | None = None
+    first_token: int | None = None  # numbered mode: the index of the answer's first token
+
+    def event_sizes(self) -> Iterator[int]:
+        """Tokens per event: prefill yields one token, then each decode step yields up to k."""
+        remaining = self.output_tokens - 1
+        yield 1
+        while remaining > 0:
+            size = min(self.tokens_per_chunk, remaining)
+            remaining -= size
+            yield size
 
 
 def _content_chars(content: Any) -> int:
@@ -156,7 +167,8 @@ def plan_request(raw: bytes, *, chat: bool, config: FakeEngineConfig) -> Plan:
         )
     ignore_eos = body.get("ignore_eos", False) is True
     cap = max_tokens if max_tokens is not None else room
-    natural = cap + 1 if ignore_eos else config.output_len
+    first_token = continued_from(body, chat) if config.numbered else None
+    natural = cap + 1 if ignore_eos else max(config.output_len - (first_token or 0), 1)
     output_tokens = min(natural, cap)
     fault = _requested_fault(body)
     plan = Plan(
@@ -171,6 +183,7 @@ def plan_request(raw: bytes, *, chat: bool, config: FakeEngineConfig) -> Plan:
         gap_s=config.gap_s,
         tokens_per_chunk=config.tokens_per_chunk,
         prefixes=prefixes if config.prompt_tokens is None else (),
+        first_token=first_token,
     )
     if fault is not None:
         plan.fault, plan.fault_after = parse_fault(fault, config.faults.after_events)
