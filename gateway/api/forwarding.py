@@ -41,9 +41,10 @@ from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord, ser
 from gateway.observability.speculation import take_speculation
 from gateway.schemas import Kind, OpenAICall, parse_json_body, validate_call
 from gateway.services import Services
-from gateway.streaming.answer_text import sse_text, text_digest, whole_answer_text
+from gateway.streaming.answer_text import text_digest, whole_answer_text
 from gateway.streaming.failover import ResumableStream
 from gateway.streaming.resume import resumable
+from gateway.streaming.sent_log import SentLog
 from gateway.streaming.stream import Stream
 from gateway.streaming.usage import UsageFilter
 from gateway.tenants.keys_file import Tenant
@@ -102,10 +103,10 @@ class Forwarding:
             with watch.guard():
                 admitted = await self._admitted(call, record, queue_rank(tenant), account)
                 # A shadowed greedy answer is kept to compare with the shadow's (by hash, in the log).
-                capture: list[bytes] | None = None
+                capture: SentLog | None = None
                 if shadow is not None:
                     services.shadows.mirror(call, record, shadow, path)
-                    capture = [] if record.greedy else None
+                    capture = SentLog() if record.greedy else None
                 if call.stream:
                     response = await self._stream(call, record, path, admitted, watch, request, headers, capture)
                     handed_over = True  # the response owns the slot now, and the watch: it closes both
@@ -182,18 +183,17 @@ class Forwarding:
 
     async def _stream(self, call: OpenAICall, record: RequestRecord, path: str, admitted: AdmittedRequest,
                       watch: ClientWatch, request: Request, headers: dict[str, str] | None,
-                      capture: list[bytes] | None) -> Response:
+                      capture: SentLog | None) -> Response:
         services = self._services
-
         digest = capture is not None
         resumable_call = services.settings.max_migrations > 0 and resumable(call)
-        sent = capture if capture is not None else ([] if resumable_call else None)
+        sent = capture if capture is not None else (SentLog() if resumable_call else None)
 
         def finish(done: RequestRecord) -> None:
             services.drainer.untrack(opened)
             services.pool.finished(resumer.worker if resumer is not None else worker, done)
             if digest and sent is not None:
-                done.output_sha256 = text_digest(sse_text(b"".join(sent)))
+                done.output_sha256 = text_digest(sent.text())
             admitted.close(done)
 
         stream = Stream(None, record, UsageFilter(call.wants_usage, call.wants_continuous_usage), services.clock,
@@ -226,7 +226,7 @@ class Forwarding:
 
     async def _complete(self, call: OpenAICall, record: RequestRecord, path: str,
                         admitted: AdmittedRequest, headers: dict[str, str] | None,
-                        capture: list[bytes] | None) -> Response:
+                        capture: SentLog | None) -> Response:
         services = self._services
         # One deadline for the whole call, retries included: a worker that dribbles its answer is cut at it, and
         # a retry after a timeout would start a new generation with the client's time already spent. A drain

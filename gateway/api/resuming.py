@@ -15,9 +15,9 @@ from gateway.errors import GatewayError
 from gateway.observability.record import RequestRecord
 from gateway.schemas import OpenAICall
 from gateway.services import Services
-from gateway.streaming.answer_text import sse_text
 from gateway.streaming.failover import Continuation
-from gateway.streaming.resume import continuation_body, first_stream_id, has_tool_calls, splice
+from gateway.streaming.resume import continuation_body, splice
+from gateway.streaming.sent_log import SentLog
 from gateway.upstream.calls import OpenStream
 from gateway.workers.pool import Worker
 
@@ -26,7 +26,7 @@ logger = logging.getLogger("specgate.failover")
 
 class StreamResumer:
     def __init__(self, services: Services, call: OpenAICall, record: RequestRecord, path: str,
-                 sent: list[bytes], worker: Worker) -> None:
+                 sent: SentLog, worker: Worker) -> None:
         self._services = services
         self._call = call
         self._record = record
@@ -38,8 +38,8 @@ class StreamResumer:
         services, record = self._services, self._record
         if record.migrations >= services.settings.max_migrations:
             return None
-        sent = b"".join(self._sent)
-        body = None if has_tool_calls(sent) else continuation_body(self._call, sse_text(sent), record.output_tokens)
+        text = self._sent.text()
+        body = None if self._sent.tool_calls else continuation_body(self._call, text, record.output_tokens)
         if body is None:
             self._count("not_resumable")
             return None
@@ -65,7 +65,7 @@ class StreamResumer:
         logger.warning("request %s: worker %s failed mid-stream (%s) after %d tokens; continued on %s",
                        record.request_id, failed.url, failure.message, record.output_tokens, worker.url)
         self._count("resumed")
-        return stream, splice(first_stream_id(sent), record.prompt_tokens, record.output_tokens)
+        return stream, splice(self._sent.stream_id, record.prompt_tokens, record.output_tokens)
 
     def _count(self, outcome: str) -> None:
         self._services.metrics.stream_migrations.labels(self._call.model, outcome).inc()

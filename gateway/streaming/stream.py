@@ -19,6 +19,7 @@ from gateway.admission.client_watch import ClientWatch
 from gateway.errors import GatewayError, UpstreamFailed
 from gateway.observability.record import DISCONNECTED_STATUS, RequestRecord
 from gateway.streaming.response import StreamResponse
+from gateway.streaming.sent_log import SentLog
 from gateway.streaming.usage import UsageFilter
 from gateway.streaming.uvicorn_fast_path import DirectBodyWriter, ResponseOpener
 from gateway.upstream.calls import OpenStream
@@ -56,10 +57,10 @@ class Stream:
 
     def __init__(self, stream: OpenStream | None, record: RequestRecord, usage: UsageFilter,
                  clock: Callable[[], float], on_finish: Callable[[RequestRecord], None],
-                 capture: list[bytes] | None = None) -> None:
+                 capture: SentLog | None = None) -> None:
         if stream is not None:
             self._stream = stream
-        # Given a list, every byte the client gets is kept in it too (a shadowed greedy answer, to compare).
+        # Given a log, what the client gets is kept in it too (to compare answers, to continue a failed stream).
         self._capture = capture
         self._record = record
         self._usage = usage

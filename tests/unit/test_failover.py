@@ -165,3 +165,16 @@ async def test_a_completion_is_continued_with_its_text_appended_to_the_prompt() 
             assert {e["id"] for e in events} == {events[0]["id"]}
     assert texts == ["".join(WORDS)] * 2
     assert "count:" + "".join(WORDS[:4]) in prompts, "the text so far appended to the prompt"
+
+
+def test_the_sent_log_keeps_text_not_events_once_a_stream_is_long() -> None:
+    from gateway.streaming.sent_log import FOLD_BYTES, SentLog
+
+    log = SentLog()
+    events = [chat_chunk(f" w{i}", i + 1, id="chatcmpl-x") for i in range(2000)]
+    for event in events:
+        log.append(event)
+    assert sum(len(e) for e in events) > 4 * FOLD_BYTES
+    assert log._pending_size <= FOLD_BYTES, "folded into text as it went"
+    assert log.text() == "".join(f" w{i}" for i in range(2000))
+    assert log.stream_id == "chatcmpl-x" and not log.tool_calls
