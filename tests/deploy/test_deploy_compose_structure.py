@@ -223,7 +223,9 @@ def test_the_gateway_keeps_limits_in_the_stacks_redis_and_reads_mounted_keys(sta
     assert gateway["environment"]["SPECGATE_REDIS_URL"] == "redis://redis:6379/0"
     assert services["redis"]["expose"] == ["6379"] and "redis-data:/data" in services["redis"]["volumes"]
     assert "./configs/keys:/etc/specgate/keys:ro" in gateway["volumes"]
+    assert "./configs/routes:/etc/specgate/routes:ro" in gateway["volumes"]
     assert (ROOT / "configs/keys/keys.example.yaml").is_file()
+    assert (ROOT / "configs/routes/routes.example.yaml").is_file()
 
 
 @pytest.mark.parametrize("stack", ["gpu", "cpu"])

@@ -281,3 +281,11 @@ def test_describe_change() -> None:
                                              "shadow demo-v3@0.2 unchanged; fallbacks [] unchanged")
     assert describe_change(None, old) == ("route chat (new): weights demo-v1 90, demo-v2 10; shadow none; "
                                           "fallbacks [demo-small]")
+
+
+def test_the_example_routes_file_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "configs" / "routes" / "routes.example.yaml"
+    table = load_routes_file(example, known_models=())
+    route = table.route("chat")
+    assert route is not None and [t.weight for t in route.targets] == [90.0, 10.0]
+    assert route.shadow is not None and route.shadow.sample == 0.1 and route.fallbacks == ("demo",)
