@@ -106,7 +106,6 @@ async def real_texts(url: str, streams: int, tokens: int, on_started: Callable[[
     async def kill_when_started() -> None:
         await started.wait()
         if on_started is not None:
-            await asyncio.sleep(1.0)  # well into the streams
             on_started()
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
@@ -133,12 +132,14 @@ def real_run(args: argparse.Namespace, workdir: Path) -> list[str]:
     url = f"http://127.0.0.1:{gateway_port}"
     with run_process("specgate-up", argv, url + "/ready", None, workdir, timeout_s=900):
         runs: dict[str, list[str | None]] = {}
+        killed: list[int] = []
         for label in ("undisturbed", "undisturbed again", "one worker SIGKILLed"):
             kill = None
             if label.startswith("one worker"):
                 def kill() -> None:
                     for pid in vllm_pids(worker_port):
                         os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
             say(f"real engines: {label}")
             runs[label] = asyncio.run(real_texts(url, args.real_streams, args.real_tokens, kill))
         moved = migrations(url)
@@ -149,7 +150,8 @@ def real_run(args: argparse.Namespace, workdir: Path) -> list[str]:
     for label, texts in runs.items():
         differ = sum(1 for text, ref in zip(texts, reference, strict=True) if text is not None and text != ref)
         lines.append(f"| {label} | {sum(text is None for text in texts)} | {differ} |")
-    lines += ["", f"Gateway migrations: {', '.join(f'{k} {v:g}' for k, v in sorted(moved.items())) or 'none'}."]
+    lines += ["", f"Killed {len(killed)} vLLM process(es) of one worker as soon as every stream had its first "
+              f"token. Gateway migrations: {', '.join(f'{k} {v:g}' for k, v in sorted(moved.items())) or 'none'}."]
     return lines
 
 
