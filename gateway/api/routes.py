@@ -4,6 +4,7 @@ others answer from the pool, the admission state and the metrics."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -28,6 +29,7 @@ from gateway.model_routes.config import RoutesError
 from gateway.services import Services, get_services
 from gateway.tenants.store.base import StoreUnavailable
 
+logger = logging.getLogger("specgate.admin")
 DAY_S = 86_400.0
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -123,12 +125,32 @@ async def undo_route_change(name: str, request: Request, services: ServicesDep) 
     return _json(services.routes.table.to_json())
 
 
-def _route_editor(request: Request, services: Services) -> str:
-    """Who is changing routes, for the log; refused unless an admin key, or this machine when no keys are set."""
+def _route_editor(request: Request, services: Services, what: str = "routes") -> str:
+    """Who is changing routes (or workers), for the log; refused unless an admin key, or this machine when no
+    keys are set."""
     tenant = request.scope["state"].get(TENANT)
     if not may_pin(tenant, services.limiter is None, request.client):
-        raise PermissionDenied("routes may be changed by an admin key, or from this machine when no keys are set")
+        raise PermissionDenied(f"{what} may be changed by an admin key, or from this machine when no keys are set")
     return tenant.name if tenant is not None else f"{request.client.host if request.client else '?'} (no keys)"
+
+
+@router.post("/admin/workers/drain")
+async def drain_worker(request: Request, services: ServicesDep) -> Response:
+    """Take a worker out of routing (`{"worker": URL}`; its open requests go on) or put it back
+    (`{"worker": URL, "drain": false}`): for restarting workers one at a time without failing a request."""
+    who = _route_editor(request, services, "workers")
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    url, drain = (body.get("worker"), body.get("drain", True)) if isinstance(body, dict) else (None, None)
+    if not isinstance(url, str) or not isinstance(drain, bool):
+        raise InvalidRequest('expected {"worker": "<url>", "drain": true|false}', param="worker")
+    worker = services.pool.drain(url.rstrip("/"), drain)
+    if worker is None:
+        raise NotFound(f"no worker {url} in the pool")
+    logger.warning("worker %s %s by %s", worker.url, "drained" if drain else "undrained", who)
+    return _json({"worker": worker.url, "draining": worker.draining, "in_flight": worker.in_flight})
 
 
 @router.put("/admin/routes/{name}")

@@ -18,6 +18,7 @@ from gateway.upstream.http1.errors import WorkerUnreachable
 from gateway.workers.discovery import resolve
 from gateway.workers.load import WorkerLoad, parse_load
 from gateway.workers.warmup import warm_up
+from gateway.workers.worker_view import worker_view
 
 logger = logging.getLogger("specgate.pool")
 
@@ -51,6 +52,7 @@ class Worker:
     model_cards: dict[str, dict[str, Any]] = field(default_factory=dict)
     in_flight: int = 0
     warming: asyncio.Task[bool] | None = None
+    draining: bool = False  # out of routing on an operator's request (POST /admin/workers/drain)
     # The integral of `in_flight` over time up to `open_area_at`: a request's mean load over its life is the
     # difference of two readings divided by its duration (workers/serving_stats.py).
     open_area: float = 0.0
@@ -66,7 +68,7 @@ class Worker:
         return frozenset(self.model_cards)
 
     def available(self, now: float) -> bool:
-        return self.healthy and now >= self.ejected_until
+        return self.healthy and not self.draining and now >= self.ejected_until
 
     def open_integral(self, now: float) -> float:
         return self.open_area + self.in_flight * (now - self.open_area_at)
@@ -221,7 +223,8 @@ class WorkerPool:
 
     def candidates(self, model: str, exclude: Sequence[Worker] = ()) -> list[Worker]:
         now = self._clock()
-        serving = [w for w in self.workers if model in w.model_cards and w.healthy and w not in exclude]
+        serving = [w for w in self.workers
+                   if model in w.model_cards and w.healthy and not w.draining and w not in exclude]
         available = [w for w in serving if now >= w.ejected_until]
         # Never eject the whole pool: when every server of the model is ejected, try them anyway.
         return available or serving
@@ -266,27 +269,16 @@ class WorkerPool:
             logger.warning("worker %s ejected for %.1fs", worker.url, backoff)
 
     def admin_view(self) -> list[dict[str, Any]]:
-        now = self._clock()
-        return [
-            {
-                "url": w.url,
-                "healthy": w.healthy,
-                "available": w.available(now),
-                "models": sorted(w.models),
-                "in_flight": w.in_flight,
-                "consecutive_failures": w.consecutive_failures,
-                "ejected_for_s": max(0.0, round(w.ejected_until - now, 3)),
-                "load_fresh": w.load.fresh(now, self.timing.stale_after_s),
-                "load_age_s": None if w.load.scraped_at == float("-inf") else round(now - w.load.scraped_at, 3),
-                "running": w.load.running,
-                "waiting": w.load.waiting,
-                "kv_cache_usage": w.load.kv_cache_usage,
-                "prefix_cache_hit_rate": w.load.prefix_hit_rate,
-                "spec_acceptance_rate": w.load.acceptance_rate,
-                "spec_mean_acceptance_length": w.load.mean_acceptance_length,
-            }
-            for w in self.workers
-        ]
+        return [worker_view(w, self._clock(), self.timing.stale_after_s) for w in self.workers]
+
+    def drain(self, url: str, draining: bool) -> Worker | None:
+        """Take a worker out of routing (its open requests go on) or put it back; None for an unknown worker."""
+        worker = next((w for w in self.workers if w.url == url), None)
+        if worker is not None and worker.draining != draining:
+            worker.draining = draining
+            logger.info("worker %s %s", url, "draining: no new requests" if draining else "back in routing")
+            self._publish(worker)
+        return worker
 
 
 async def _every(interval_s: float, action: Callable[[], Any]) -> None:

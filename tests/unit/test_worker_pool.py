@@ -136,3 +136,38 @@ async def test_a_refused_health_check_takes_the_worker_out_at_once() -> None:
         worker.health_error = httpx.ConnectError("refused")
         await app.state.services.pool.refresh()
         assert (await client.get("/ready")).status_code == 503
+
+
+@pytest.mark.anyio
+async def test_a_drained_worker_gets_no_new_requests_until_it_is_put_back() -> None:
+    first = ScriptedWorker(url="http://first:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    second = ScriptedWorker(url="http://second:1", on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    settings = settings_for(first.url, second.url, routing="round_robin")
+    async with gateway_client(settings, mock_client(first, second)) as (client, _app):
+        drained = await client.post("/admin/workers/drain", json={"worker": first.url})
+        assert drained.status_code == 200 and drained.json()["draining"] is True
+        for _ in range(6):
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert not first.seen and len(second.seen) == 6
+        view = {w["url"]: w for w in (await client.get("/admin/workers")).json()["workers"]}
+        assert view[first.url]["draining"] and not view[first.url]["available"]
+        undrained = await client.post("/admin/workers/drain", json={"worker": first.url, "drain": False})
+        assert undrained.status_code == 200
+        for _ in range(4):
+            await client.post("/v1/chat/completions", json=CHAT)
+        assert len(first.seen) == 2, "back in routing"
+        unknown = await client.post("/admin/workers/drain", json={"worker": "http://nowhere:1"})
+        assert unknown.status_code == 404
+        assert (await client.post("/admin/workers/drain", json={"drain": "yes"})).status_code == 400
+
+
+@pytest.mark.anyio
+async def test_only_an_admin_or_this_machine_may_drain_a_worker() -> None:
+    worker = ScriptedWorker(on_post=lambda r: httpx.Response(200, json={"choices": []}))
+    app_settings = settings_for(worker.url)
+    async with gateway_client(app_settings, mock_client(worker)) as (_client, app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.9.9.9", 1)),
+                                     base_url="http://gateway") as remote:
+            refused = await remote.post("/admin/workers/drain", json={"worker": worker.url})
+            assert refused.status_code == 403
+        assert not app.state.services.pool.workers[0].draining
