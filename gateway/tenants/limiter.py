@@ -39,17 +39,21 @@ REASON_TEXT = {
 class Grant:
     """An admitted request's hold on its key: headers for the answer, and what it has been charged so far."""
 
-    __slots__ = ("charged_output", "headers", "limited", "prompt_estimate", "request_id", "tenant", "ticks")
+    __slots__ = ("charged_output", "headers", "limited", "request_id", "tenant", "ticks")
 
-    def __init__(self, tenant: Tenant, request_id: str, prompt_estimate: int, headers: dict[str, str],
-                 limited: bool) -> None:
+    def __init__(self, tenant: Tenant, request_id: str, headers: dict[str, str], limited: bool) -> None:
         self.tenant = tenant
         self.request_id = request_id
-        self.prompt_estimate = prompt_estimate
         self.headers = headers
         self.limited = limited  # counted in the store (False: the store was down and the request let through)
         self.charged_output = 0
         self.ticks = 0  # charging rounds it has been open for
+
+    def take_uncharged(self, record: RequestRecord) -> int:
+        """The output tokens produced since the last charge, counted as charged from now on."""
+        used = max(record.output_tokens - self.charged_output, 0)
+        self.charged_output += used
+        return used
 
 
 class TenantLimiter:
@@ -76,14 +80,14 @@ class TenantLimiter:
         except StoreUnavailable as exc:
             self._store_failed("admission", exc)
             if self._fail_open:
-                return self._opened(Grant(tenant, record.request_id, estimate, {}, limited=False), record)
+                return self._opened(Grant(tenant, record.request_id, {}, limited=False), record)
             self._metrics.refused(tenant.name, "limits_unavailable")
             raise RateLimited("rate limits cannot be checked right now; retry shortly", code="limits_unavailable",
                               retry_after_s=1) from None
         headers = rate_limit_headers(spec, decision)
         if not decision.admitted:
             await self._refused(tenant, decision, headers, estimate)
-        return self._opened(Grant(tenant, record.request_id, estimate, headers, limited=True), record)
+        return self._opened(Grant(tenant, record.request_id, headers, limited=True), record)
 
     async def _refused(self, tenant: Tenant, decision: Decision, headers: dict[str, str], estimate: int) -> None:
         reason = decision.reason or "requests"
@@ -117,17 +121,15 @@ class TenantLimiter:
         task.add_done_callback(self._settling.discard)
 
     async def _settle(self, grant: Grant, record: RequestRecord) -> None:
-        used = max(record.output_tokens - grant.charged_output, 0)
-        grant.charged_output += used
+        used = grant.take_uncharged(record)
         try:
             await self._store.finish(grant.tenant.name, grant.request_id, record.prompt_tokens or None, used)
         except StoreUnavailable as exc:
             self._store_failed("accounting", exc)
 
     async def _charge(self, grant: Grant, record: RequestRecord) -> None:
-        used = record.output_tokens - grant.charged_output
+        used = grant.take_uncharged(record)
         if used > 0:
-            grant.charged_output += used
             await self._store.charge(grant.tenant.name, grant.request_id, used)
 
     async def charge_open(self) -> None:
